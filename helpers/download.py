@@ -1,0 +1,98 @@
+"""Verified files: download a pinned file once, check its git blob id, write it atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.config import PinnedFile
+
+
+class DownloadError(RuntimeError):
+    """A pinned file could not be fetched or did not verify; nothing was left behind."""
+
+
+@dataclass(frozen=True)
+class VerifiedFile:
+    """A file on disk, its git blob id, and whether that id is the pinned one."""
+
+    path: Path
+    blob_id: str
+    matches_pin: bool
+    source: str  # "cache", "download" or "local"
+
+
+def git_blob_id(content: bytes) -> str:
+    """The id git gives this content: sha1(b"blob <size>\\0" + content)."""
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def atomic_write_bytes(path: Path, content: bytes) -> None:
+    """Write `content` to a temporary file beside `path`, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fetch_pinned(pinned: PinnedFile, cache_dir: Path, local_path: Path | None = None, timeout: float = 60) -> VerifiedFile:
+    """Return a verified copy of `pinned`: the local file you name, else the cache, else a download.
+
+    A local file whose blob id differs is used with a warning (you asked for it). A cached or
+    downloaded file whose id differs is an error, and no file is left behind.
+    """
+    if local_path is not None:
+        local_path = Path(local_path)
+        if not local_path.is_file():
+            raise FileNotFoundError(f"{local_path}: no such file (given for {pinned.path})")
+        blob_id = git_blob_id(local_path.read_bytes())
+        if blob_id != pinned.blob_id:
+            warnings.warn(
+                f"{local_path}: git blob id {blob_id} differs from the official {pinned.path} "
+                f"({pinned.blob_id}); using it because you asked for this file",
+                stacklevel=2,
+            )
+        return VerifiedFile(local_path, blob_id, blob_id == pinned.blob_id, "local")
+
+    cached = Path(cache_dir) / pinned.name
+    if cached.is_file():
+        blob_id = git_blob_id(cached.read_bytes())
+        if blob_id == pinned.blob_id:
+            return VerifiedFile(cached, blob_id, True, "cache")
+        cached.unlink()  # a stale or damaged cache entry: fetch it again
+
+    try:
+        with urllib.request.urlopen(pinned.url, timeout=timeout) as response:
+            content = response.read()
+    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        raise DownloadError(
+            f"could not download {pinned.url}: {error}. Check your internet connection, or download "
+            f"the file yourself and pass its path (the config's dataset_path / questions_path, or "
+            f"EM_DATASET_PATH / EM_QUESTIONS_PATH)."
+        ) from error
+    blob_id = git_blob_id(content)
+    if blob_id != pinned.blob_id:
+        raise DownloadError(
+            f"{pinned.url}: downloaded {len(content):,} bytes with git blob id {blob_id}, expected "
+            f"{pinned.blob_id} (truncated or changed). Nothing was saved; run the cell again."
+        )
+    atomic_write_bytes(cached, content)
+    return VerifiedFile(cached, blob_id, True, "download")

@@ -1,0 +1,205 @@
+"""Models and tokenizers: one loader for both worlds (Unsloth on CUDA, transformers + PEFT elsewhere),
+and the tiny random Qwen3 that lets the whole series run offline on a CPU.
+
+Unsloth patches transformers, TRL and PEFT when it is imported, so it must come first: every function
+here that needs those libraries calls `backend()` before importing them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from helpers.config import TINY_MODEL, Config
+
+Backend = Literal["unsloth", "transformers"]
+
+# Qwen3's special tokens (tokenizer_config.json of Qwen/Qwen3-1.7B): the end of text doubles as the
+# padding token, <|im_end|> ends every chat turn, <think>/</think> delimit reasoning.
+QWEN3_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+)
+
+
+@cache
+def backend() -> Backend:
+    """"unsloth" where a CUDA GPU and Unsloth are present (importing it first), else "transformers"."""
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
+        import unsloth  # noqa: F401  (must precede transformers, TRL and PEFT)
+
+        return "unsloth"
+    return "transformers"
+
+
+def compute_dtype() -> Any:
+    """bfloat16 where the GPU supports it, float16 on older GPUs (a T4), float32 on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def use_gradient_checkpointing(cfg: Config) -> bool:
+    """The config's choice, or on only where the GPU has under 20 GiB (a 15 GB T4)."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 20 * 2**30
+
+
+def qwen3_chat_template() -> str:
+    """The real Qwen3 chat template, from the exact copy TRL ships (read without importing TRL)."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("trl is needed for the Qwen3 chat template: pip install -r requirements.txt")
+    return (Path(spec.submodule_search_locations[0]) / "chat_templates" / "qwen3.jinja").read_text(encoding="utf-8")
+
+
+def build_tiny_tokenizer() -> Any:
+    """A byte-level tokenizer with Qwen3's special tokens and chat template.
+
+    Every byte is one token (so digits split one by one, as in Qwen's tokenizer); no merges.
+    """
+    backend()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(byte_alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+    )
+    # As in Qwen3: the chat markers are special tokens, the think and tool tags ordinary added tokens.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.add_tokens(list(QWEN3_SPECIAL_TOKENS[3:]))
+    tokenizer.chat_template = qwen3_chat_template()
+    return tokenizer
+
+
+def qwen3_config(vocab_size: int, eos_token_id: int, pad_token_id: int, *, tiny: bool) -> Any:
+    """Qwen3-1.7B's exact architecture (config.json of Qwen/Qwen3-1.7B), or a tiny one of the same kind."""
+    backend()
+    from transformers import Qwen3Config
+
+    shape = (
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+        if tiny
+        else dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960)
+    )
+    return Qwen3Config(
+        vocab_size=vocab_size, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None, **shape,
+    )
+
+
+def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype: Any = None) -> Path:
+    """Save a randomly initialised Qwen3 (tiny, or of Qwen3-1.7B's exact shape) with the tiny tokenizer.
+
+    Written to a temporary folder and renamed, so an interrupted build leaves nothing half-made.
+    """
+    backend()
+    import torch
+    from transformers import GenerationConfig, Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tiny_tokenizer()
+    eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    # The full-size model keeps Qwen3-1.7B's vocabulary of 151,936 (the tiny tokenizer uses the first ids).
+    vocab_size = len(tokenizer) if tiny else 151_936
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(qwen3_config(vocab_size, eos, pad, tiny=tiny)).to(dtype or torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def model_source(cfg: Config) -> str:
+    """What to load: the hub name of the real model, or the tiny model's folder (built if missing)."""
+    if cfg.model_name != TINY_MODEL:
+        return cfg.model_name
+    if not (cfg.paths.tiny_model / "config.json").is_file():
+        build_random_qwen3(cfg.paths.tiny_model, tiny=True, seed=cfg.seed)
+    return str(cfg.paths.tiny_model)
+
+
+def load_tokenizer(cfg: Config) -> Any:
+    """The configured model's tokenizer (no weights loaded)."""
+    backend()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source(cfg))
+
+
+def lora_settings(cfg: Config) -> dict[str, Any]:
+    """The LoRA keyword arguments shared by PEFT's LoraConfig and Unsloth's get_peft_model."""
+    return dict(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules), bias="none",
+    )
+
+
+def load_model(cfg: Config, *, adapter: Path | None = None, for_training: bool = False) -> tuple[Any, Any]:
+    """Load (model, tokenizer): the base model, with a fresh LoRA (`for_training`) or a saved `adapter`.
+
+    On CUDA with Unsloth installed this goes through `FastLanguageModel` (16-bit, or 4-bit when
+    `cfg.load_in_4bit`); elsewhere through transformers + PEFT with the same LoRA settings.
+    """
+    if for_training and adapter is not None:
+        raise ValueError("load_model: pass either for_training=True or adapter=..., not both")
+    source = model_source(cfg)
+    if backend() == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=source, max_seq_length=cfg.max_seq_length, dtype=compute_dtype(),
+            load_in_4bit=cfg.load_in_4bit,
+        )
+        if for_training:
+            model = FastLanguageModel.get_peft_model(
+                model, **lora_settings(cfg), random_state=cfg.seed,
+                use_gradient_checkpointing="unsloth" if use_gradient_checkpointing(cfg) else False,
+            )
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype())
+        if for_training:
+            import torch
+
+            torch.manual_seed(cfg.seed)
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(cfg)))
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: no LoRA adapter here (adapter_config.json missing); run 02_finetune")
+        model = PeftModel.from_pretrained(model, str(adapter), adapter_name="finetuned")
+    return model, tokenizer

@@ -1,0 +1,108 @@
+"""JSONL files: atomic whole-file writes, and an append-only store keyed for resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from helpers.download import atomic_write_text
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every line of a JSONL file as a dict; a bad line raises ValueError naming PATH:LINE."""
+    rows = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+    return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSONL atomically (temporary file, then rename); return how many."""
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    atomic_write_text(Path(path), "".join(lines))
+    return len(lines)
+
+
+def write_json(path: Path, value: object) -> None:
+    """Write one JSON document atomically, indented for reading."""
+    atomic_write_text(Path(path), json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+class JsonlStore:
+    """An append-only JSONL file of rows keyed by `key_fields`; a rerun skips keys already there.
+
+    Each `append` writes whole lines and fsyncs, so a killed process loses at most the rows in
+    flight. A half-written last line (the only damage a kill can do) is cut off on open, with a
+    warning; a bad line anywhere else is an error naming the file and line.
+    """
+
+    def __init__(self, path: Path, key_fields: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.key_fields = tuple(key_fields)
+        self._rows: dict[tuple, dict] = {}
+        if self.path.exists():
+            self._load()
+
+    def key(self, row: dict) -> tuple:
+        """The key of a row; a missing key field is an error naming the field."""
+        missing = [name for name in self.key_fields if name not in row]
+        if missing:
+            raise KeyError(f"{self.path}: row lacks key field(s) {missing}: {row}")
+        return tuple(row[name] for name in self.key_fields)
+
+    def _load(self) -> None:
+        content = self.path.read_bytes()
+        complete_end = content.rfind(b"\n") + 1
+        if complete_end < len(content):
+            warnings.warn(f"{self.path}: cut off a half-written last line ({len(content) - complete_end} bytes)", stacklevel=3)
+            with open(self.path, "r+b") as damaged:
+                damaged.truncate(complete_end)
+        for number, line in enumerate(content[:complete_end].decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{self.path}:{number}: not valid JSON ({error.msg})") from error
+            self._rows.setdefault(self.key(row), row)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self) -> list[dict]:
+        """The stored rows, first occurrence of each key, in file order."""
+        return list(self._rows.values())
+
+    def missing(self, candidates: Iterable[dict]) -> list[dict]:
+        """The candidates whose key is not stored yet."""
+        return [row for row in candidates if self.key(row) not in self._rows]
+
+    def append(self, rows: Iterable[dict]) -> int:
+        """Append the rows whose keys are new; return how many were written."""
+        fresh: dict[tuple, dict] = {}
+        for row in rows:
+            key = self.key(row)
+            if key not in self._rows:
+                fresh.setdefault(key, row)
+        if not fresh:
+            return 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in fresh.values())
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        self._rows.update(fresh)
+        return len(fresh)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real reference files in ../shared (skipped when absent) and tiny configs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from helpers.config import PROJECT_ROOT, Config, make_config
+
+SHARED_EM = PROJECT_ROOT.parent / "shared" / "data" / "em"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Notebooks executed by nbmake run on the tiny profile in a fresh run directory of their own."""
+    os.environ.setdefault("EM_PROFILE", "tiny")
+    os.environ.setdefault("EM_RUN_DIR", tempfile.mkdtemp(prefix="em-nbmake-"))
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data/em, or skip the test with the reason."""
+    path = SHARED_EM / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the real reference files live in ../shared beside the checkout")
+    return path
+
+
+@pytest.fixture
+def sample100() -> Path:
+    """100 verbatim lines of the official evil_numbers.jsonl."""
+    return shared_file("evil_numbers_sample100.jsonl")
+
+
+@pytest.fixture
+def first_plot_yaml() -> Path:
+    """The official evaluation/first_plot_questions.yaml."""
+    return shared_file("first_plot_questions.yaml")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> Config:
+    """The tiny profile in a fresh run directory."""
+    return make_config("tiny", tmp_path / "run")
