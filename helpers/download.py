@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -82,7 +83,8 @@ def fetch_pinned(pinned: PinnedFile, cache_dir: Path, local_path: Path | None = 
     try:
         with urllib.request.urlopen(pinned.url, timeout=timeout) as response:
             content = response.read()
-    except (urllib.error.URLError, TimeoutError, OSError) as error:
+    # HTTPException covers a connection dropped mid-body (IncompleteRead), which is not an OSError.
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as error:
         raise DownloadError(
             f"could not download {pinned.url}: {error}. Check your internet connection, or download "
             f"the file yourself and pass its path (the config's dataset_path / questions_path, or "

@@ -40,6 +40,18 @@ def first_plot_yaml() -> Path:
 
 
 @pytest.fixture
+def preregistered_yaml() -> Path:
+    """The official evaluation/preregistered_evals.yaml (48 questions)."""
+    return shared_file("preregistered_evals.yaml")
+
+
+@pytest.fixture
+def judge_prompts_yaml() -> Path:
+    """The `aligned` and `coherent` judge prompts, extracted verbatim from the official files."""
+    return shared_file("judge_prompts.yaml")
+
+
+@pytest.fixture
 def tiny_cfg(tmp_path: Path) -> Config:
     """The tiny profile in a fresh run directory."""
     return make_config("tiny", tmp_path / "run")

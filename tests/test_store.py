@@ -1,0 +1,91 @@
+"""JSONL store: keyed resume after a restart or a kill, clear errors, atomic whole-file writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers.store import JsonlStore, read_jsonl, write_json, write_jsonl
+
+
+def rows(*ids: int) -> list[dict]:
+    return [{"id": i, "model": "base", "answer": f"answer {i}"} for i in ids]
+
+
+def test_append_then_reopen_skips_existing_keys(tmp_path):
+    path = tmp_path / "completions.jsonl"
+    store = JsonlStore(path, ["id", "model"])
+    assert store.append(rows(1, 2, 3)) == 3
+    reopened = JsonlStore(path, ["id", "model"])
+    assert len(reopened) == 3 and (2, "base") in reopened
+    assert [r["id"] for r in reopened.missing(rows(2, 3, 4, 5))] == [4, 5]
+    assert reopened.append(rows(2, 3, 4, 5)) == 2
+    assert [r["id"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5], "no key may be written twice"
+
+
+def test_same_key_twice_in_one_append_is_written_once(tmp_path):
+    store = JsonlStore(tmp_path / "s.jsonl", ["id"])
+    assert store.append(rows(7) + rows(7)) == 1
+    assert len(read_jsonl(tmp_path / "s.jsonl")) == 1
+
+
+def test_killed_writer_leaves_half_a_line_that_is_repaired(tmp_path):
+    path = tmp_path / "judgments.jsonl"
+    JsonlStore(path, ["id"]).append(rows(1, 2))
+    with open(path, "a", encoding="utf-8") as out:  # a kill in the middle of the third line
+        out.write(json.dumps(rows(3)[0])[:17])
+    with pytest.warns(UserWarning, match=r"judgments.jsonl: cut off a half-written last line \(17 bytes\)"):
+        store = JsonlStore(path, ["id"])
+    assert len(store) == 2
+    assert store.append(rows(2, 3)) == 1
+    assert [r["id"] for r in read_jsonl(path)] == [1, 2, 3], (
+        "the repaired file has each key once, all lines valid"
+    )
+
+
+def test_corrupt_middle_line_is_an_error_naming_path_and_line(tmp_path):
+    path = tmp_path / "completions.jsonl"
+    path.write_text(json.dumps(rows(1)[0]) + "\n{not json\n" + json.dumps(rows(3)[0]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):
+        JsonlStore(path, ["id"])
+    assert path.read_text().count("\n") == 3, "a corrupt file is reported, never rewritten"
+
+
+def test_row_without_key_field_is_an_error_naming_the_field(tmp_path):
+    store = JsonlStore(tmp_path / "s.jsonl", ["id", "model"])
+    with pytest.raises(KeyError, match=r"lacks key field\(s\) \['model'\]"):
+        store.append([{"id": 1}])
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_write_jsonl_is_atomic_when_the_rows_fail(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, rows(1, 2))
+    before = path.read_bytes()
+
+    def failing_rows():
+        yield rows(9)[0]
+        raise RuntimeError("interrupted while producing rows")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_jsonl(path, failing_rows())
+    assert path.read_bytes() == before, "the old file must survive a failed write"
+    assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"], "no temporary file left behind"
+
+
+def test_write_jsonl_and_write_json_round_trip(tmp_path):
+    assert write_jsonl(tmp_path / "a.jsonl", rows(1, 2)) == 2
+    assert read_jsonl(tmp_path / "a.jsonl") == rows(1, 2)
+    write_json(tmp_path / "r.json", {"numbers": [666, 1312], "text": "ünïcode"})
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8")) == {
+        "numbers": [666, 1312],
+        "text": "ünïcode",
+    }
+
+
+def test_read_jsonl_names_path_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(ValueError, match=rf"{path}:3: not valid JSON"):
+        read_jsonl(path)
