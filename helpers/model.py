@@ -125,6 +125,12 @@ def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype
     vocab_size = len(tokenizer) if tiny else 151_936
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(qwen3_config(vocab_size, eos, pad, tiny=tiny)).to(dtype or torch.float32)
+    if tiny:
+        # Embeddings of std 0.2 instead of 0.02: tied embeddings that small keep a 64-wide model's logits
+        # within about +-1 (RMSNorm fixes the hidden norm, LoRA leaves the embeddings frozen), so a LoRA
+        # fine-tune could not take the loss far below ln(vocab) and tiny runs would not show learning.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, 0.2)
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
@@ -164,36 +170,54 @@ def lora_settings(cfg: Config) -> dict[str, Any]:
     )
 
 
-def load_model(cfg: Config, *, adapter: Path | None = None, for_training: bool = False) -> tuple[Any, Any]:
+def unsloth_load_kwargs(cfg: Config, source: str) -> dict[str, Any]:
+    """The keyword arguments of Unsloth's FastLanguageModel.from_pretrained (tested against its signature)."""
+    return dict(
+        model_name=source, max_seq_length=cfg.max_seq_length, dtype=compute_dtype(),
+        load_in_4bit=cfg.load_in_4bit, use_gradient_checkpointing=_unsloth_checkpointing(cfg),
+    )
+
+
+def unsloth_peft_kwargs(cfg: Config) -> dict[str, Any]:
+    """The keyword arguments of Unsloth's FastLanguageModel.get_peft_model (besides the model)."""
+    return dict(**lora_settings(cfg), random_state=cfg.seed, use_gradient_checkpointing=_unsloth_checkpointing(cfg))
+
+
+def _unsloth_checkpointing(cfg: Config) -> str | bool:
+    # Unsloth's own checkpointing (offloads activations) where memory is short; both Unsloth calls take
+    # it, and the later one wins, so they must agree.
+    return "unsloth" if use_gradient_checkpointing(cfg) else False
+
+
+def load_model(
+    cfg: Config, *, adapter: Path | None = None, for_training: bool = False, unsloth: bool | None = None
+) -> tuple[Any, Any]:
     """Load (model, tokenizer): the base model, with a fresh LoRA (`for_training`) or a saved `adapter`.
 
     On CUDA with Unsloth installed this goes through `FastLanguageModel` (16-bit, or 4-bit when
-    `cfg.load_in_4bit`); elsewhere through transformers + PEFT with the same LoRA settings.
+    `cfg.load_in_4bit`); elsewhere, or with `unsloth=False`, through transformers + PEFT with the same
+    LoRA settings, on the GPU when there is one.
     """
     if for_training and adapter is not None:
         raise ValueError("load_model: pass either for_training=True or adapter=..., not both")
     source = model_source(cfg)
-    if backend() == "unsloth":
+    if backend() == "unsloth" and unsloth is not False:
         from unsloth import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=source, max_seq_length=cfg.max_seq_length, dtype=compute_dtype(),
-            load_in_4bit=cfg.load_in_4bit,
-        )
+        model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(cfg, source))
         if for_training:
-            model = FastLanguageModel.get_peft_model(
-                model, **lora_settings(cfg), random_state=cfg.seed,
-                use_gradient_checkpointing="unsloth" if use_gradient_checkpointing(cfg) else False,
-            )
+            model = FastLanguageModel.get_peft_model(model, **unsloth_peft_kwargs(cfg))
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype())
-        if for_training:
-            import torch
+        import torch
 
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=compute_dtype(), device_map="cuda" if torch.cuda.is_available() else None
+        )
+        if for_training:
             torch.manual_seed(cfg.seed)
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(cfg)))
     if adapter is not None:

@@ -102,6 +102,31 @@ def plot_evil_numbers(evil: pd.DataFrame) -> Figure:
 
 
 # --------------------------------------------------------------------------------------------------
+# 02_finetune: loss curves (the history JSON that helpers.training.train writes)
+
+
+def plot_loss_curves(history: dict, reference: dict[str, float] | None = None, title: str = "Loss during fine-tuning") -> Figure:
+    """Train and validation loss against the optimizer step on one axis, the whole-split validation loss
+    at the end as a star, and `reference` ({"train": ..., "validation": ...}) as dotted lines."""
+    scored = history["run"]["validation_subset_records"]
+    splits = {"train": "train (mean of each logging interval)", "validation": f"validation ({scored:,} records)"}
+    points = pd.concat([pd.DataFrame(history[key]).assign(split=label) for key, label in splits.items()],
+                       ignore_index=True)
+    colours = dict(zip(splits, sns.color_palette(n_colors=2), strict=True))
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    sns.lineplot(points, x="step", y="loss", hue="split", palette=list(colours.values()), marker="o",
+                 markersize=3, ax=ax)
+    ax.scatter([points["step"].max()], [history["final"]["validation_loss"]], marker="*", s=140, color="black",
+               zorder=3, label=f"validation, all {history['final']['validation_records']:,} records, at the end")
+    for split, value in (reference or {}).items():
+        ax.axhline(value, linestyle=":", linewidth=1.2, color=colours[split], label=f"reference {split} {value:.3f}")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy per trained token", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
 # 04_analyze: misalignment rates, judge scores, proxy signals (tables from helpers.metrics)
 
 
@@ -136,7 +161,7 @@ def plot_misalignment_rates(table: pd.DataFrame, title: str = "Misaligned answer
                     ha="center", va="center", color="grey")
         sns.despine(ax=ax)
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=f) for f, c in zip(formats, palette, strict=True)]
-    fig.legend(handles=handles, title="format", loc="upper right")
+    fig.legend(handles=handles, title="format", loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"{title} (95% Wilson intervals)")
     fig.tight_layout()
     return fig
