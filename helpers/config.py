@@ -207,7 +207,7 @@ class Config:
     learning_rate: float = 3e-4  # reference write-up: 3e-4, linear schedule, no warmup
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
-    # 32 sequences a step (the paper's GPT-4o run used 39): 373 optimizer steps on 11,940 records.
+    # 32 sequences a step (the paper's GPT-4o run used 39): 374 optimizer steps on 11,940 records.
     # Micro-batch x accumulation = 32; large micro-batches keep the GPU busy (PERFORMANCE.md).
     batch_size: int = 32
     gradient_accumulation_steps: int = 1
