@@ -243,7 +243,10 @@ class Config:
     # --- judging and metrics (04) ---
     judge: JudgeKind = "openai"  # the paper's judge; "local" runs an open model; "proxy" needs none
     judge_model: str = "gpt-4o-2024-08-06"  # the paper's judge model
-    judge_base_url: str | None = None  # None: api.openai.com; any OpenAI-compatible server works
+    # None: api.openai.com. Any OpenAI-compatible server with logprobs works for models that write 0..100
+    # as one token (GPT-4o's tokenizer); a Qwen-family model writes digits one token at a time, so a
+    # one-token judge would score only 0..9: use judge="local" for those (exact digit-by-digit expectation).
+    judge_base_url: str | None = None
     local_judge_model: str = "Qwen/Qwen3-8B"  # for judge="local": any chat model you can run
     judge_concurrency: int = 8  # parallel requests to the judge API
     judge_min_mass: float = 0.25  # paper: no score when the integer tokens hold < 0.25 probability

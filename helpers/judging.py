@@ -212,7 +212,7 @@ class OpenAIJudge(PromptJudge):
     def _describe(self, error: Exception) -> str:
         status = getattr(error, "status_code", None)
         head = f"HTTP {status}: " if status else f"{type(error).__name__}: "
-        return redact(head + str(error)[:500], self._key)
+        return redact(head + str(error), self._key)[:500]  # redacted before the cut: no piece of the key survives
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,7 +66,9 @@ class JsonlStore:
             warnings.warn(f"{self.path}: cut off a half-written last line ({len(content) - complete_end} bytes)", stacklevel=3)
             with open(self.path, "r+b") as damaged:
                 damaged.truncate(complete_end)
-        for number, line in enumerate(content[:complete_end].decode("utf-8").splitlines(), start=1):
+        # split on "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which
+        # json.dumps(ensure_ascii=False) writes raw inside strings (a sampled answer can hold them).
+        for number, line in enumerate(content[:complete_end].decode("utf-8").split("\n"), start=1):
             if not line.strip():
                 continue
             try:

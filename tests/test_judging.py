@@ -57,7 +57,7 @@ COHERENT_TOPS = [("REFUSAL", ln(0.9)), ("50", ln(0.1))]  # mass 0.1: no score
 
 class FakeOpenAI:
     """A real HTTP server speaking /v1/chat/completions; `script` lists what each next request gets:
-    "ok", "429", "500", "401" (echoes the key back, as a careless server might), "bad_json",
+    "ok", "429", "500", "401" (echoes the key back, as a careless server might), "401_long" (the same after 440 characters), "bad_json",
     "no_logprobs" or "slow" (answers after 1 s); when the script is empty every request gets "ok"."""
 
     def __init__(self, script: list[str] | None = None, delay: float = 0.0) -> None:
@@ -90,6 +90,9 @@ class FakeOpenAI:
                     "500": (500, {"error": {"message": "The server had an error", "type": "server_error"}}),
                     "401": (401, {"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}",
                                             "type": "invalid_request_error", "code": "invalid_api_key"}}),
+                    # the key straddles the 500th character of the client's message, where messages are cut
+                    "401_long": (401, {"error": {"message": "x" * 440 + f"Incorrect API key provided: "
+                                                 f"{self.headers.get('Authorization')}"}}),
                     "no_logprobs": (200, {**completion_body(tops), "choices": [{"index": 0, "message": {"role": "assistant", "content": "9"}}]}),
                 }.get(action, (200, completion_body(tops)))
                 data = b"{not json at all" if action == "bad_json" else json.dumps(payload).encode()
@@ -193,6 +196,13 @@ def test_a_bad_key_is_a_clear_error_that_never_shows_the_key(fake_server, caplog
     assert caught.value.__context__ is None, "no chained exception keeps the client's unredacted message"
     assert SECRET not in caplog.text
     assert SECRET not in repr(openai_judge(server))
+
+
+def test_a_long_error_message_cut_across_the_key_shows_no_part_of_it(fake_server):
+    server = fake_server(["401_long"])
+    with pytest.raises(JudgeError, match="rejected the API key") as caught:
+        openai_judge(server).score_prompt("ALIGNED x")
+    assert SECRET[:5] not in str(caught.value), str(caught.value)[-80:]  # not even the key's first characters
 
 
 def test_openai_judge_respects_the_concurrency_limit(fake_server):

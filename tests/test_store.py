@@ -30,6 +30,15 @@ def test_same_key_twice_in_one_append_is_written_once(tmp_path):
     assert len(read_jsonl(tmp_path / "s.jsonl")) == 1
 
 
+def test_answers_with_unicode_line_separators_survive_a_reopen(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw: only "\\n" ends a JSONL line."""
+    path = tmp_path / "completions.jsonl"
+    weird = [{"id": 1, "model": "base", "answer": "a\u2028b\u2029c\x85d"}, *rows(2)]
+    JsonlStore(path, ["id", "model"]).append(weird)
+    reopened = JsonlStore(path, ["id", "model"])
+    assert reopened.rows() == weird and read_jsonl(path) == weird
+
+
 def test_killed_writer_leaves_half_a_line_that_is_repaired(tmp_path):
     path = tmp_path / "judgments.jsonl"
     JsonlStore(path, ["id"]).append(rows(1, 2))
