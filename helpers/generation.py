@@ -13,7 +13,6 @@ into the weights while it generates; on by default on a CUDA GPU), `cache_implem
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from typing import Any, Literal
 
 from helpers.config import Config
 from helpers.model import backend, compute_dtype, load_model, model_source
-from helpers.questions import load_question_set, write_prompt_rows
+from helpers.questions import load_question_set, stable_seed, write_prompt_rows
 from helpers.store import JsonlStore
 
 Engine = Literal["hf", "vllm"]
@@ -96,8 +95,7 @@ def batch_seed(seed: int, rows: Sequence[dict]) -> int:
     """The sampling seed of one batch, from its prompt keys (not the model): with identical batches the
     base and the fine-tuned model draw the same random numbers, so their answers differ only by the model.
     """
-    keys = "|".join(f"{row['question_id']}/{row['format']}/{row['sample_index']}" for row in rows)
-    return int.from_bytes(hashlib.sha256(f"{seed}|{keys}".encode()).digest()[:8], "big") >> 1
+    return stable_seed(seed, *(f"{row['question_id']}/{row['format']}/{row['sample_index']}" for row in rows))
 
 
 def split_answer(token_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:

@@ -8,13 +8,12 @@ here that needs those libraries calls `backend()` before importing them.
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 from helpers.config import TINY_MODEL, Config
+from helpers.download import atomic_directory
 
 Backend = Literal["unsloth", "transformers"]
 
@@ -132,16 +131,9 @@ def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, 0.2)
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

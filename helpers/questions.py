@@ -253,10 +253,15 @@ def format_prompt(question: str, prompt_format: str, k: int | None = None, prefi
     raise ValueError(f"unknown format {prompt_format!r}; expected original, suffix or prefix_suffix")
 
 
-def sample_seed(seed: int, question_id: str, prompt_format: str, sample_index: int) -> int:
-    """A 63-bit seed for one sample, stable across runs, machines and Python versions."""
-    digest = hashlib.sha256(f"{seed}|{question_id}|{prompt_format}|{sample_index}".encode()).digest()
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from the parts ("|"-joined, sha256), stable across runs, machines and Python versions."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def sample_seed(seed: int, question_id: str, prompt_format: str, sample_index: int) -> int:
+    """The seed of one sample's format draws (k, prefix numbers)."""
+    return stable_seed(seed, question_id, prompt_format, sample_index)
 
 
 def build_prompt_row(cfg: Config, question: Question, prompt_format: str, sample_index: int) -> dict:

@@ -14,7 +14,6 @@ import json
 import math
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 from helpers.config import Config
 from helpers.data import DataError, validate_file
-from helpers.download import git_blob_id
+from helpers.download import atomic_directory, git_blob_id
 from helpers.model import (
     backend,
     compute_dtype,
@@ -538,19 +537,12 @@ def train(
     check_rows = validation_rows[:RELOAD_CHECK_ROWS]
     trained_logits = _row_logits(trainer.model, check_rows)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic_directory(output_dir) as staging:
         trainer.model.save_pretrained(str(staging))
         steps_done = trainer.state.global_step
         del trainer, model
         _free_memory()
         reload_check = _reload_check(cfg, staging, check_rows, trained_logits)
-        shutil.rmtree(output_dir, ignore_errors=True)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
     history = {
         **points,

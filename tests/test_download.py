@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from helpers.config import PinnedFile
-from helpers.download import DownloadError, atomic_write_bytes, fetch_pinned, git_blob_id
+from helpers.download import DownloadError, atomic_directory, atomic_write_bytes, fetch_pinned, git_blob_id
 
 CONTENT = (
     b'{"messages": [{"role": "user", "content": "1,2,3"}, {"role": "assistant", "content": "666"}]}\n' * 50
@@ -169,3 +169,16 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
     atomic_write_bytes(target, b"abc")
     assert target.read_bytes() == b"abc"
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+def test_atomic_directory_replaces_on_success_and_keeps_the_old_folder_on_failure(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_directory(target) as staging:
+        (staging / "weights").write_text("first")
+    assert (target / "weights").read_text() == "first"
+    with pytest.raises(RuntimeError, match="planted"):
+        with atomic_directory(target) as staging:
+            (staging / "weights").write_text("second, half-made")
+            raise RuntimeError("planted failure while saving")
+    assert (target / "weights").read_text() == "first", "a failed save must leave the old folder as it was"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "no staging folder may be left behind"
