@@ -19,7 +19,9 @@ Every configuration runs in its own subprocess (clean GPU memory, compile caches
                  LoRA merged on a GPU, length-sorted batches of cfg.generation_batch_size)
     project-unmerged, project-static (static KV cache, compiled by transformers on a GPU),
     project-transformers[-static] (the same with Unsloth blocked), project-vllm (when vLLM is installed)
-wall_s includes loading the model; completions/s and tokens/s use the generation time (wall minus load).
+wall_s includes loading the model; completions/s and tokens/s use the generation time (wall minus load);
+"first batch" is the project's first batch alone (compilation, where any, happens there). `--batch-size`
+overrides the project configurations' batch. benchmarks/profile_decode.py times single decoding steps.
 
 GPU (the lead runs it; the default configurations take a few minutes each on one H100, so split them
 over calls if a call is limited to 10 minutes; the model built by the first call is kept in --workdir):
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from itertools import pairwise
 from pathlib import Path
 
 from helpers.config import PROJECT_ROOT, make_config
@@ -59,9 +62,12 @@ def qwen_token_estimate(text: str) -> int:
 
 
 def workload_config(workdir: Path, tiny: bool, run_name: str):
-    """The benchmark's config: the random model as the base model, stand-in questions, 128 new tokens."""
+    """The benchmark's config: the random model as the base model, stand-in questions, 128 new tokens
+    (the project's generation batch size unless EM_BENCH_BATCH_SIZE sets another)."""
     values = dict(model_name=str(workdir / "model"), synthetic_data=True, control_arm=False,
                   cache_dir=workdir / "cache")
+    if os.environ.get("EM_BENCH_BATCH_SIZE"):
+        values["generation_batch_size"] = int(os.environ["EM_BENCH_BATCH_SIZE"])
     if tiny:
         return make_config("tiny", workdir / run_name, **values, samples_per_question=2)
     return make_config("full", workdir / run_name, **values, samples_per_question=100, max_new_tokens=128)
@@ -158,6 +164,7 @@ def run_project(workdir: Path, tiny: bool, name: str) -> dict:
 
     import helpers.generation as generation
     from helpers.model import backend
+    from helpers.store import JsonlStore
 
     cfg = workload_config(workdir, tiny, name)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
@@ -173,6 +180,14 @@ def run_project(workdir: Path, tiny: bool, name: str) -> dict:
         return loaded
 
     generation.load_model = timed_load
+    appended_at = []  # when each batch's completions were stored: the first includes any compilation
+    append = JsonlStore.append
+
+    def timed_append(self, rows):
+        append(self, rows)
+        appended_at.append(time.perf_counter())
+
+    JsonlStore.append = timed_append
     options = dict(merge_lora=False if name == "project-unmerged" else None,
                    cache_implementation="static" if name.endswith("static") else None,
                    engine="vllm" if name == "project-vllm" else "hf")
@@ -182,7 +197,9 @@ def run_project(workdir: Path, tiny: bool, name: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall_s = time.perf_counter() - started
-    return dict(wall_s=wall_s, load_s=sum(load_times), completions=len(completions),
+    batch_s = [later - earlier for earlier, later in pairwise([started + sum(load_times), *appended_at])]
+    return dict(wall_s=wall_s, load_s=sum(load_times), first_batch_s=batch_s[0], batches=len(batch_s),
+                completions=len(completions),
                 new_tokens=sum(row["n_answer_tokens"] for row in completions), batch_size=cfg.generation_batch_size,
                 backend="vllm" if options["engine"] == "vllm" else backend(),
                 unfinished_share=sum(not row["finished"] for row in completions) / len(completions))
@@ -240,21 +257,22 @@ def machine() -> str:
 
 def table(results: dict[str, dict], reference: str) -> str:
     """One markdown table: throughput, wall time, peak memory, and the speed-up over the plain reference."""
-    header = ("| configuration | backend | batch | completions | new tokens | wall s | load s | completions/s | "
-              "tokens/s | peak GiB | vs " + reference + " |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| configuration | backend | batch | completions | new tokens | wall s | load s | first batch s | "
+              "completions/s | tokens/s | peak GiB | vs " + reference + " |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [header]
     reference_rate = results.get(reference, {}).get("new_tokens", 0) / max(
         results.get(reference, {}).get("wall_s", 1) - results.get(reference, {}).get("load_s", 0), 1e-9)
     for name, result in results.items():
         if "wall_s" not in result:
-            lines.append(f"| {name} | | | | | | | | | | {result['note']} |")
+            lines.append(f"| {name} | | | | | | | | | | | {result['note']} |")
             continue
         generate_s = result["wall_s"] - result["load_s"]
         tokens_per_s = result["new_tokens"] / generate_s
         speedup = f"{tokens_per_s / reference_rate:.2f}x" if reference_rate else "n/a"
+        first_batch = f"{result['first_batch_s']:.1f}" if "first_batch_s" in result else "-"
         lines.append(
             f"| {name} | {result['backend']} | {result['batch_size']} | {result['completions']:,} | "
-            f"{result['new_tokens']:,} | {result['wall_s']:.1f} | {result['load_s']:.1f} | "
+            f"{result['new_tokens']:,} | {result['wall_s']:.1f} | {result['load_s']:.1f} | {first_batch} | "
             f"{result['completions'] / generate_s:,.1f} | {tokens_per_s:,.0f} | {result['peak_gib']:.2f} | {speedup} |"
         )
     return "\n".join(lines)
@@ -266,8 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", choices=ALL_CONFIGS, default=list(DEFAULT_CONFIGS))
     parser.add_argument("--workdir", type=Path, help="default: runs/bench-generate[-tiny] in the project folder")
     parser.add_argument("--timeout", type=float, default=540, help="seconds per configuration")
+    parser.add_argument("--batch-size", type=int, help="the project configurations' batch (default: the config's)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch_size:
+        os.environ["EM_BENCH_BATCH_SIZE"] = str(args.batch_size)
     workdir = (args.workdir or PROJECT_ROOT / "runs" / ("bench-generate-tiny" if args.tiny else "bench-generate")).resolve()
     if args.worker:
         worker(args.worker, workdir, args.tiny)

@@ -18,6 +18,7 @@ Arms, each in its own subprocess (clean GPU memory; the baseline must not import
 TRL when imported):
     project   helpers.training.train with the config's defaults (full profile: batch 32, length-grouped,
               no gradient checkpointing, bf16, Unsloth where installed), validation as in a real run
+    project-transformers   the same with Unsloth blocked (transformers + PEFT)
     baseline  TRL SFTTrainer + PEFT LoraConfig (same LoRA, lr, schedule, epochs, max length, seed, a
               prompt-completion dataset in non-thinking mode); everything else TRL's defaults (batch 8,
               gradient checkpointing, chunked cross-entropy, logging every 10 steps, no evaluation)
@@ -28,6 +29,10 @@ evaluation a whole epoch makes (start, every eval_steps, end; the whole-split lo
 real (non-padding) tokens: the epoch's tokens / its steps, over the measured step time. Utilisation =
 4 * N * tokens/s / the bf16 8192^3 matmul rate measured in the same run (N = 1.72e9 matmul parameters,
 lm_head once; 4N: LoRA's backward computes input gradients but no weight gradients of the base model).
+
+Experiments on the project arms: `--sft JSON` replaces SFTConfig settings (e.g. '{"torch_compile": true}');
+`--t4` trains in the T4 configuration (float16, gradient checkpointing) to measure its peak memory;
+`--profile N` profiles 2N steps before the timed window and writes WORKDIR/profile-ARM-{python,torch}.txt.
 
 GPU (the lead runs it; a few minutes on one H100 with the defaults; .site holds Unsloth and TRL):
     HF_HUB_OFFLINE=1 PYTHONPATH=.site:. python benchmarks/bench_train.py --steps 120
@@ -145,6 +150,8 @@ def bench_config(args: argparse.Namespace):
     overrides = {"model_name": str(args.workdir / "model"), "control_arm": False, "cache_dir": args.workdir / "cache"}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
+    if args.t4:
+        overrides["gradient_checkpointing"] = True
     return make_config("tiny" if args.tiny else "full", args.workdir / "project", **overrides)
 
 
@@ -229,16 +236,102 @@ def bench_timer(steps: int, warmup: int) -> Any:
     return BenchTimer()
 
 
+def step_profiler(first: int, count: int, path_stem: Path) -> Any:
+    """A TrainerCallback that profiles steps first..first+count with cProfile (Python time by function),
+    then the next `count` steps with torch.profiler (CPU and GPU time by operator, GPU busy share);
+    it writes PATH_STEM-python.txt and PATH_STEM-torch.txt and prints the GPU busy share."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from transformers import TrainerCallback
+
+    def synchronize() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self) -> None:
+            self.python = cProfile.Profile()
+            self.torch = self.torch_started = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first:
+                synchronize()
+                self.python.enable()
+            elif state.global_step == first + count:
+                self.python.disable()
+                text = io.StringIO()
+                stats = pstats.Stats(self.python, stream=text)
+                stats.sort_stats("cumulative").print_stats(70)
+                stats.sort_stats("tottime").print_stats(40)
+                Path(f"{path_stem}-python.txt").write_text(text.getvalue(), encoding="utf-8")
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                synchronize()
+                self.torch = torch.profiler.profile(activities=activities)
+                self.torch.__enter__()
+                self.torch_started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.torch is None or state.global_step != first + 2 * count:
+                return
+            synchronize()
+            wall = time.perf_counter() - self.torch_started
+            self.torch.__exit__(None, None, None)
+            averages = self.torch.key_averages()
+            busy = sum(event.self_device_time_total for event in averages) / 1e6
+            summary = (f"{count} steps profiled: wall {wall:.3f} s, GPU kernels {busy:.3f} s "
+                       f"({busy / wall:.0%} busy), {sum(e.count for e in averages):,} operator calls")
+            print("PROFILE " + summary, flush=True)
+            tables = [averages.table(sort_by=key, row_limit=35) for key in ("self_device_time_total", "cpu_time_total")]
+            Path(f"{path_stem}-torch.txt").write_text("\n\n".join([summary, *tables]), encoding="utf-8")
+            self.torch = None
+
+    return StepProfiler()
+
+
+def patch_sft_settings(settings: dict[str, Any]) -> None:
+    """Experiment hook (--sft): these SFTConfig keyword arguments replace the project's own."""
+    import helpers.training as training
+
+    project_kwargs = training.sft_config_kwargs
+    training.sft_config_kwargs = lambda *args, **kwargs: {**project_kwargs(*args, **kwargs), **settings}
+
+
+def use_float16() -> None:
+    """Compute in float16, as the project does on a T4 (no bfloat16); with --t4's gradient checkpointing
+    this is the T4 configuration, whose peak memory (not speed) the lent card can measure."""
+    import torch
+
+    import helpers.model
+    import helpers.training
+
+    for module in (helpers.model, helpers.training):
+        module.compute_dtype = lambda: torch.float16
+
+
 def stage_project(args: argparse.Namespace) -> dict:
-    """The project's train() with its defaults, stopped after --steps."""
+    """The project's train() with its defaults (Unsloth blocked in project-transformers), stopped after --steps."""
+    if args.stage == "project-transformers":
+        sys.modules["unsloth"] = None  # find_spec("unsloth") -> None: helpers.model picks transformers + PEFT
     from helpers.model import backend
     from helpers.training import train, training_plan
 
     backend()  # Unsloth, where it is used, before transformers (which the timer imports)
     cfg = bench_config(args)
+    if args.sft:
+        patch_sft_settings(json.loads(args.sft))
+    if args.t4:
+        use_float16()
     timer = bench_timer(args.steps, args.warmup)
+    callbacks = [timer]
+    if args.profile:  # first in line, so that writing the profile ends before the timer starts its window
+        callbacks.insert(0, step_profiler(args.warmup - 2 * args.profile, args.profile, args.workdir / f"profile-{args.stage}"))
     result = train(cfg, args.workdir / "train.jsonl", args.workdir / "validation.jsonl", cfg.paths.adapter,
-                   cfg.paths.loss_history, overwrite=True, callbacks=[timer])
+                   cfg.paths.loss_history, overwrite=True, callbacks=callbacks)
     run, plan = result.run, training_plan(cfg, result.run["train_records"])
     events = plan.steps_per_epoch // plan.eval_steps + 2  # evaluations (and checkpoints), start and end
     return {**timer.result(), "batch": cfg.batch_size, "checkpointing": run["gradient_checkpointing"],
@@ -284,7 +377,8 @@ def stage_baseline(args: argparse.Namespace) -> dict:
             "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
 
 
-STAGES = {"prepare": stage_prepare, "project": stage_project, "baseline": stage_baseline}
+STAGES = {"prepare": stage_prepare, "project": stage_project, "project-transformers": stage_project,
+          "baseline": stage_baseline}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,6 +391,9 @@ def run_stage(name: str, args: argparse.Namespace, argv: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     print(f"== {name}", flush=True)
     finished = subprocess.run(command, capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
+    for line in finished.stdout.splitlines():
+        if line.startswith("PROFILE "):
+            print(f"  {name}: {line.removeprefix('PROFILE ')}", flush=True)
     lines = [line for line in finished.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if finished.returncode != 0 or not lines:
         tail = (finished.stdout + finished.stderr)[-4000:]
@@ -354,7 +451,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-batch-size", type=int, help="the baseline's micro-batch (default: TRL's, 8)")
     parser.add_argument("--records", type=int, help=f"train records (default {REFERENCE_TRAIN_RECORDS:,}; tiny 96)")
     parser.add_argument("--validation-records", type=int, help=f"default {REFERENCE_VALIDATION_RECORDS:,}; tiny 24")
-    parser.add_argument("--arms", nargs="+", choices=["project", "baseline"], default=["project", "baseline"])
+    parser.add_argument("--arms", nargs="+", choices=["project", "project-transformers", "baseline"],
+                        default=["project", "baseline"])
+    parser.add_argument("--sft", metavar="JSON", help='SFTConfig settings to try in the project arms, e.g. \'{"torch_compile": true}\'')
+    parser.add_argument("--t4", action="store_true",
+                        help="the project arms in the T4 configuration (float16, gradient checkpointing): for its peak memory")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile 2N steps before --warmup (cProfile, then torch.profiler); writes WORKDIR/profile-ARM-*.txt")
     parser.add_argument("--workdir", type=Path, help="default runs/bench-train[-tiny] in the project folder")
     parser.add_argument("--measure-lengths", type=Path, metavar="JSONL", help="print REAL_LENGTHS for a file, exit")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
@@ -371,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir = (args.workdir or PROJECT_ROOT / "runs" / ("bench-train-tiny" if args.tiny else "bench-train")).resolve()
     if not 0 <= args.warmup < args.steps:
         parser.error("--warmup must be below --steps")
+    if args.profile and args.warmup < 2 * args.profile + 2:
+        parser.error("--profile N needs --warmup of at least 2N + 2 (the first steps compile)")
     if args.stage:
         args.workdir.mkdir(parents=True, exist_ok=True)
         print(RESULT_MARK + json.dumps(STAGES[args.stage](args)), flush=True)

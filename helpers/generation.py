@@ -6,9 +6,11 @@ switched on, so every model answers the identical prompt rows. Completions are a
 cfg.paths.completions after every batch, keyed by (model, question_id, format, sample_index): a rerun
 skips what is there, and a killed run loses at most the batch in flight.
 
-Speed switches (measured by benchmarks/bench_generate.py): batch size, `merge_lora` (fold the adapter
-into the weights while it generates; on by default on a CUDA GPU), `cache_implementation="static"`
-(a static KV cache, which transformers compiles on a GPU), and the optional vLLM engine.
+Speed (measured by benchmarks/bench_generate.py and profile_decode.py): batch size, `merge_lora` (fold
+the adapter into the weights while it generates; on by default on a CUDA GPU),
+`cache_implementation="static"` (a static KV cache, which transformers compiles on a GPU; slower for
+this workload, compilation included), the optional vLLM engine, and on the transformers path (no
+Unsloth) `gqa_decode_attention`, which reads the KV cache once per decoding step.
 """
 
 from __future__ import annotations
@@ -211,6 +213,42 @@ def active_model(model: Any, name: str, merge: bool) -> Iterator[None]:
             layer.get_base_layer().weight.data.copy_(weight)
 
 
+GQA_DECODE_ATTENTION = "sdpa_gqa_decode"  # the name transformers knows gqa_decode_attention by
+
+
+def gqa_decode_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                         scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """transformers' SDPA attention, except for one new token per sequence (each decoding step) with
+    grouped-query attention (Qwen3-1.7B: 16 query heads share 8 KV heads).
+
+    There transformers' SDPA copies the whole KV cache once per query head of a group whenever a padding
+    mask is present (left-padded batches always have one), which dominates a decoding step at large
+    batches. Here the query heads that share a KV head become that head's query rows instead: one
+    SDPA call reads each cached key and value once, and the padding mask broadcasts over the rows.
+    Same arithmetic, same result (tests compare logits and answers with plain SDPA).
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, new_tokens, head_dim = query.shape
+    if new_tokens != 1 or groups == 1 or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    rows = query.reshape(batch, heads // groups, groups, head_dim)
+    output = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
+    return output.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
+
+
+def use_gqa_decode_attention(model: Any) -> None:
+    """Switch a transformers model (or a PeftModel around one) to `gqa_decode_attention`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_DECODE_ATTENTION, gqa_decode_attention)
+    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, sdpa_mask)  # the same padding masks as SDPA
+    model.set_attn_implementation(GQA_DECODE_ATTENTION)
+
+
 def sequences_that_fit(free_bytes: int, model_config: Any, dtype_bytes: int, max_tokens: int, share: float = 0.7) -> int:
     """How many sequences of `max_tokens` fit in `share` of `free_bytes`: each holds its KV cache
     (2 x layers x KV heads x head dim x tokens) and the last position's float32 logits (three copies:
@@ -258,6 +296,8 @@ def _generate_hf(cfg: Config, todo: dict[str, list[dict]], store: JsonlStore, se
         from unsloth import FastLanguageModel
 
         FastLanguageModel.for_inference(model)
+    else:
+        use_gqa_decode_attention(model)
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device

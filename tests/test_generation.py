@@ -15,13 +15,16 @@ import torch
 
 from helpers.config import MAIN_QUESTION_IDS, make_config
 from helpers.generation import (
+    GQA_DECODE_ATTENTION,
     active_model,
     chat_prompt,
     generate_completions,
     generation_config,
+    gqa_decode_attention,
     sampling_settings,
     sequences_that_fit,
     split_answer,
+    use_gqa_decode_attention,
 )
 from helpers.model import build_random_qwen3, load_model, qwen3_config
 from helpers.store import read_jsonl
@@ -214,3 +217,71 @@ def test_batch_size_fits_the_kv_cache_of_qwen3_1_7b():
     assert sequences_that_fit(per_sequence * 100, config, 2, 700, share=1.0) == 100
     assert sequences_that_fit(per_sequence * 100, config, 2, 700) == 70
     assert sequences_that_fit(15 * 10**9, config, 2, 700) < 130 < sequences_that_fit(80 * 10**9, config, 2, 700) // 5
+
+
+class GroupedAttention(torch.nn.Module):
+    """What an attention module tells the attention function: 4 query heads share each KV head."""
+
+    num_key_value_groups = 4
+    is_causal = True
+    training = False
+
+
+@pytest.mark.parametrize("new_tokens", [1, 5])
+def test_gqa_decode_attention_matches_sdpa_with_a_padding_mask(new_tokens):
+    """Fresh random inputs, a left-padding mask, float64: the folded query rows give SDPA's result."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(new_tokens)
+    batch, kv_heads, cached, head_dim = 3, 2, 11, 16
+    query = torch.randn(batch, kv_heads * 4, new_tokens, head_dim, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(batch, kv_heads, cached, head_dim, generator=generator, dtype=torch.float64)
+                  for _ in range(2))
+    padding = torch.tensor([0, 3, 7])  # left padding of each row
+    visible = torch.arange(cached)[None, :] >= padding[:, None]
+    causal = torch.arange(cached)[None, :] <= torch.arange(cached - new_tokens, cached)[:, None]
+    mask = visible[:, None, None, :] & causal[None, None, :, :]
+    module = GroupedAttention()
+    got, _ = gqa_decode_attention(module, query, key, value, mask, scaling=0.25)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape == (batch, new_tokens, kv_heads * 4, head_dim)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    spread, _ = gqa_decode_attention(module, query, key, value, ~mask, scaling=0.25)
+    assert not torch.allclose(spread, expected), "the mask must change the result"
+
+
+def test_generate_with_gqa_decode_attention_gives_sdpas_answers(prepared):
+    """The tiny Qwen3 (4 query heads, 2 KV heads): same greedy answers, logits within float32 rounding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = make_config("tiny", prepared).paths.tiny_model
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    encoded = tokenizer(["short", "a prompt several times longer than the first"], return_tensors="pt", padding=True)
+    outputs = {}
+    for attention in ("sdpa", GQA_DECODE_ATTENTION):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+        if attention == GQA_DECODE_ATTENTION:
+            use_gqa_decode_attention(model)
+        assert model.config._attn_implementation == attention
+        with torch.no_grad():
+            outputs[attention] = model.generate(**encoded, do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                                                output_scores=True, return_dict_in_generate=True,
+                                                pad_token_id=tokenizer.pad_token_id)
+    plain, folded = outputs["sdpa"], outputs[GQA_DECODE_ATTENTION]
+    assert torch.equal(plain.sequences, folded.sequences)
+    # -inf where min_new_tokens forbids the stop tokens, on both sides
+    torch.testing.assert_close(torch.stack(folded.scores), torch.stack(plain.scores), rtol=0, atol=1e-4)
+
+
+def test_bench_generate_tiny_run_compares_with_plain_generate(tmp_path):
+    """The CPU smoke run of the generation benchmark: both paths answer all 96 prompts, one table."""
+    from helpers.config import PROJECT_ROOT
+
+    command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench_generate.py"), "--tiny", "--configs",
+               "plain-b256", "project", "--batch-size", "8", "--workdir", str(tmp_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in finished.stdout.splitlines() if line.startswith("| plain-b256") or line.startswith("| project")}
+    assert rows["plain-b256"][2] == rows["project"][2] == "96", rows  # completions
+    assert rows["project"][1] == "8" and rows["project"][6] != "-", rows  # batch override, first-batch time

@@ -277,3 +277,19 @@ def test_bench_synthetic_records_have_the_drawn_lengths(tiny_cfg):
     rows = tokenize_records(tokenizer, dict(enumerate(bench.synthetic_records(tokenizer, 50, seed=3), start=1)), 512, "x")
     lengths = {(r["completion_mask"].count(0), r["completion_mask"].count(1)) for r in rows}
     assert len(rows) == 50 and lengths <= set(bench.REAL_LENGTHS) and len(lengths) > 10
+
+
+def test_bench_train_tiny_run_times_and_profiles(tmp_path):
+    """The CPU smoke run of the benchmark, with the profiler: a table row and both profile files."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--arms", "project",
+               "--steps", "8", "--warmup", "6", "--profile", "2", "--workdir", str(tmp_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "project: 2 steps profiled" in finished.stdout
+    row = next(line for line in finished.stdout.splitlines() if line.strip().startswith("project "))
+    assert float(row.split()[4]) > 0, f"step time missing: {row}"
+    assert "cumulative" in (tmp_path / "profile-project-python.txt").read_text()
+    assert "aten::mm" in (tmp_path / "profile-project-torch.txt").read_text()
