@@ -285,3 +285,16 @@ def test_bench_generate_tiny_run_compares_with_plain_generate(tmp_path):
             for line in finished.stdout.splitlines() if line.startswith("| plain-b256") or line.startswith("| project")}
     assert rows["plain-b256"][2] == rows["project"][2] == "96", rows  # completions
     assert rows["project"][1] == "8" and rows["project"][6] != "-", rows  # batch override, first-batch time
+
+
+def test_profile_decode_tiny_run_times_both_attentions(tmp_path):
+    """The CPU smoke run of the decoding-step profiler: a step time for each attention, then the kernel table."""
+    from helpers.config import PROJECT_ROOT
+
+    command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "profile_decode.py"), "--tiny", "--batch-size", "4",
+               "--workdir", str(tmp_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    timed = [line.split(":")[0].strip() for line in finished.stdout.splitlines() if "ms a decoding step" in line]
+    assert timed == ["sdpa", GQA_DECODE_ATTENTION]
+    assert "aten::mm" in finished.stdout
