@@ -232,7 +232,7 @@ def gqa_decode_attention(module: Any, query: Any, key: Any, value: Any, attentio
 
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, new_tokens, head_dim = query.shape
-    if new_tokens != 1 or groups == 1 or kwargs.get("output_attentions"):
+    if new_tokens != 1 or groups == 1 or kwargs.get("output_attentions") or kwargs.get("dropout"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     rows = query.reshape(batch, heads // groups, groups, head_dim)
     output = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
