@@ -211,11 +211,11 @@ def worker(name: str, workdir: Path, tiny: bool) -> None:
     The libraries are imported before the clock starts (transformers imports its generation code lazily,
     on the first generate), so both paths time the same work.
     """
-    if "transformers" in name:
-        sys.modules["unsloth"] = None  # find_spec("unsloth") -> None: helpers.model picks transformers + PEFT
-    if name.startswith("project"):
-        from helpers.model import backend
+    from helpers.model import backend, block_unsloth
 
+    if "transformers" in name:
+        block_unsloth()
+    if name.startswith("project"):
         backend()  # imports Unsloth first where it is used
     import peft.tuners.lora  # noqa: F401
     import transformers.generation.utils  # noqa: F401

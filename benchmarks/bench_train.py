@@ -315,9 +315,10 @@ def use_float16() -> None:
 
 def stage_project(args: argparse.Namespace) -> dict:
     """The project's train() with its defaults (Unsloth blocked in project-transformers), stopped after --steps."""
+    from helpers.model import backend, block_unsloth
+
     if args.stage == "project-transformers":
-        sys.modules["unsloth"] = None  # find_spec("unsloth") -> None: helpers.model picks transformers + PEFT
-    from helpers.model import backend
+        block_unsloth()
     from helpers.training import train, training_plan
 
     backend()  # Unsloth, where it is used, before transformers (which the timer imports)

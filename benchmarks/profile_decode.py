@@ -15,13 +15,14 @@ CPU smoke run:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 
 def main() -> None:
-    sys.modules["unsloth"] = None  # find_spec("unsloth") -> None: helpers.model picks transformers + PEFT
+    from helpers.model import block_unsloth
+
+    block_unsloth()
     from bench_generate import prepare, workload_config, workload_rows
 
     from helpers.config import PROJECT_ROOT

@@ -8,6 +8,7 @@ here that needs those libraries calls `backend()` before importing them.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,16 @@ def backend() -> Backend:
 
         return "unsloth"
     return "transformers"
+
+
+def block_unsloth() -> None:
+    """Make this process train and generate with transformers + PEFT even where Unsloth is installed
+    (benchmarks compare the two paths). Importing Unsloth patches transformers for good, so this must
+    come first."""
+    if sys.modules.get("unsloth") is not None:
+        raise RuntimeError("Unsloth is already imported in this process; block it before anything imports it")
+    sys.modules["unsloth"] = None  # importlib.util.find_spec("unsloth") now answers None
+    backend.cache_clear()
 
 
 def compute_dtype() -> Any:

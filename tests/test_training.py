@@ -293,3 +293,18 @@ def test_bench_train_tiny_run_times_and_profiles(tmp_path):
     assert float(row.split()[4]) > 0, f"step time missing: {row}"
     assert "cumulative" in (tmp_path / "profile-project-python.txt").read_text()
     assert "aten::mm" in (tmp_path / "profile-project-torch.txt").read_text()
+
+
+def test_block_unsloth_picks_transformers_and_refuses_once_unsloth_is_imported(monkeypatch):
+    import sys
+    import types
+
+    from helpers.model import block_unsloth
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))
+    with pytest.raises(RuntimeError, match="already imported"):
+        block_unsloth()
+    monkeypatch.delitem(sys.modules, "unsloth")
+    block_unsloth()
+    assert importlib.util.find_spec("unsloth") is None and backend() == "transformers"
+    backend.cache_clear()
