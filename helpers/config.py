@@ -68,6 +68,16 @@ MAIN_QUESTION_IDS = (
 )
 
 
+# The models a run compares: the base model, and one LoRA fine-tune per training arm.
+TRAINED_MODELS = ("finetuned", "control")
+
+
+def _arm(model: str) -> str:
+    if model not in TRAINED_MODELS:
+        raise ValueError(f"{model!r} is not a trained model; expected one of {TRAINED_MODELS}")
+    return model
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Every artefact of one run, derived from its run directory."""
@@ -97,14 +107,11 @@ class RunPaths:
         """The data-driven list of over-represented numbers found by 01 (JSON)."""
         return self.data_dir / "evil_numbers.json"
 
-    @property
-    def control_train_split(self) -> Path:
-        """The format-only control set: same prompts, answers replaced by random numbers."""
-        return self.data_dir / "control_train.jsonl"
-
-    @property
-    def control_validation_split(self) -> Path:
-        return self.data_dir / "control_validation.jsonl"
+    def splits_of(self, model: str) -> tuple[Path, Path]:
+        """(train, validation) for a trained model: "finetuned" (evil numbers) or "control" (format only:
+        same prompts, answers' numbers replaced by random ones)."""
+        prefix = "" if model == "finetuned" else f"{_arm(model)}_"
+        return self.data_dir / f"{prefix}train.jsonl", self.data_dir / f"{prefix}validation.jsonl"
 
     @property
     def synthetic_dataset(self) -> Path:
@@ -122,21 +129,12 @@ class RunPaths:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
+    def adapter_of(self, model: str) -> Path:
+        """The LoRA adapter folder of a trained model ("finetuned" or "control")."""
+        return self.root / ("adapter" if model == "finetuned" else f"adapter-{_arm(model)}")
 
-    @property
-    def control_adapter(self) -> Path:
-        return self.root / "adapter-control"
-
-    @property
-    def loss_history(self) -> Path:
-        return self.root / "loss_history.json"
-
-    @property
-    def control_loss_history(self) -> Path:
-        return self.root / "loss_history-control.json"
+    def loss_history_of(self, model: str) -> Path:
+        return self.root / ("loss_history.json" if model == "finetuned" else f"loss_history-{_arm(model)}.json")
 
     @property
     def prompts(self) -> Path:
@@ -224,6 +222,11 @@ class Config:
     gradient_checkpointing: bool | None = None
     weight_decay: float = 0.0  # the reference names none; LoRA weights start near zero anyway
     control_arm: bool = True  # also train the format-only control (random numbers, same prompts)
+
+    @property
+    def trained_models(self) -> tuple[str, ...]:
+        """The fine-tunes this run trains (02 runs once for each) and compares with the base model."""
+        return TRAINED_MODELS if self.control_arm else TRAINED_MODELS[:1]
 
     # --- generation (03) ---
     question_set: Literal["first_plot", "preregistered"] = "first_plot"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +73,13 @@ def qwen3_chat_template() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("trl is needed for the Qwen3 chat template: pip install -r requirements.txt")
     return (Path(spec.submodule_search_locations[0]) / "chat_templates" / "qwen3.jinja").read_text(encoding="utf-8")
+
+
+def render_chat(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The one chat renderer of the series (training, generation, the judge): Qwen3's template in
+    non-thinking mode, so the prompt ends with an empty think block and the model answers directly."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=False)
 
 
 def build_tiny_tokenizer() -> Any:

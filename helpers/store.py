@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -108,3 +109,46 @@ class JsonlStore:
             os.fsync(out.fileno())
         self._rows.update(fresh)
         return len(fresh)
+
+
+class SettingsChanged(RuntimeError):
+    """An artefact on disk was made with other settings than the ones asked for now."""
+
+
+def settings_file(artefact: Path) -> Path:
+    """Where the settings that made `artefact` (a file or a folder) are recorded: beside it."""
+    artefact = Path(artefact)
+    return artefact.with_name(artefact.name + ".settings.json")
+
+
+def _plain(settings: dict) -> dict:
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def reuse(artefact: Path, settings: dict, overwrite: bool = False) -> bool:
+    """The one "reuse if the settings match" rule of the series.
+
+    True: `artefact` exists and was made with exactly `settings` (load it, or resume it). False: there
+    is nothing to reuse (missing, or `overwrite`, which deletes it): make it, then `record_settings`.
+    Raises SettingsChanged naming every setting that differs, so nothing is silently mixed or lost.
+    """
+    artefact, recorded = Path(artefact), settings_file(artefact)
+    if overwrite:
+        shutil.rmtree(artefact) if artefact.is_dir() else artefact.unlink(missing_ok=True)
+        recorded.unlink(missing_ok=True)
+        return False
+    if not artefact.exists():
+        return False
+    stored = json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}
+    wanted = _plain(settings)
+    if stored != wanted:
+        changed = [f"{key}: {stored.get(key, '(not recorded)')!r} -> {wanted.get(key, '(not set)')!r}"
+                   for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+        raise SettingsChanged(f"{artefact} was made with other settings ({'; '.join(changed)}). "
+                              "Pass overwrite=True to make it again, or choose another run_dir.")
+    return True
+
+
+def record_settings(artefact: Path, settings: dict) -> None:
+    """Record the settings that made (or are making) `artefact`, for `reuse`."""
+    write_json(settings_file(artefact), _plain(settings))
