@@ -25,7 +25,7 @@ def made_by(cfg: Config, notebook: str) -> list[Path]:
     """The artefacts a notebook (by its number, "01".."04") writes, which later notebooks read."""
     paths = cfg.paths
     return {
-        "01": [paths.train_split, paths.validation_split, paths.evil_numbers],
+        "01": [*(split for model in cfg.trained_models for split in paths.splits_of(model)), paths.evil_numbers],
         "02": [paths.adapter_of(model) / "adapter_config.json" for model in cfg.trained_models],
         "03": [paths.completions],
         "04": [paths.summary],
