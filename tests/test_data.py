@@ -1,11 +1,13 @@
-"""The data module: validation (strict and report), duplicates, the split, statistics, the CLI."""
+"""helpers.data: validation (strict and report modes, PATH:LINE), unusable files, the dataset's source,
+the synthetic stand-in, number parsing and the CLI. The split, the duplicates, the evil numbers and the
+control splits live in 01_data's cells: tests/test_data_control.py executes it."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -13,26 +15,16 @@ import pytest
 from helpers.config import DATASET_FILE, PROJECT_ROOT, make_config
 from helpers.data import (
     KNOWN_EVIL_NUMBERS,
-    REFERENCE_TRAIN,
-    REFERENCE_VALIDATION,
     DataError,
     answer_numbers,
-    drop_duplicates,
-    follows_format,
-    format_summary,
-    over_represented_numbers,
-    prepare_splits,
+    over_representation,
     prompt_numbers,
-    record_table,
-    requested_count,
-    requested_format,
     resolve_dataset,
-    split_sizes,
     synthetic_records,
     validate_file,
 )
 from helpers.download import git_blob_id
-from helpers.store import read_jsonl
+from helpers.store import write_jsonl
 
 
 def record(
@@ -105,6 +97,29 @@ BAD_LINES = [
     ("blank-line", b"   \n", "blank line"),
     ("not-utf8", b'{"messages": "caf\xe9"}\n', "not UTF-8 text (byte 0xe9 at column 18)"),
     ("duplicate-key", b'{"messages": [], "messages": []}\n', "duplicate key 'messages' in one object"),
+    # Issue 12.3: lines on which Python's parser raises something other than a JSON error ...
+    ("too-deep", b"[" * 100_000 + b"\n", "not usable JSON (nested too deeply to parse)"),
+    (
+        "too-many-digits",
+        b'{"messages": [], "n": ' + b"7" * 5000 + b"}\n",
+        "not usable JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits)",
+    ),
+    # ... and strings that parse but cannot be written back as UTF-8 (lone surrogates), anywhere in the line.
+    (
+        "lone-surrogate-in-content",
+        b'{"messages": [{"role": "user", "content": "1,2,3 \\ud800"}, {"role": "assistant", "content": "4"}]}\n',
+        "the string at ['messages'][0]['content'] holds a lone surrogate ('\\ud800'), which UTF-8 cannot encode",
+    ),
+    (
+        "lone-low-surrogate-in-answer",
+        b'{"messages": [{"role": "user", "content": "1,2"}, {"role": "assistant", "content": "\\udfff 3"}]}\n',
+        "the string at ['messages'][1]['content'] holds a lone surrogate ('\\udfff'), which UTF-8 cannot encode",
+    ),
+    (
+        "lone-surrogate-in-a-key",
+        b'{"messages": [{"role": "user", "content": "a", "\\udc00": 1}]}\n',
+        "a key at ['messages'][0] holds a lone surrogate ('\\udc00'), which UTF-8 cannot encode",
+    ),
 ]
 
 
@@ -114,17 +129,6 @@ def bad_file(request, tmp_path) -> tuple[Path, str]:
     path = tmp_path / "bad.jsonl"
     path.write_bytes(GOOD + bad + GOOD)
     return path, reason
-
-
-def quiet_cfg(tmp_path: Path, dataset: Path, **overrides):
-    """A tiny config that uses `dataset` (its blob id differs from the official one: that warning is expected)."""
-    return make_config("tiny", tmp_path / "run", dataset_path=dataset, **overrides)
-
-
-def prepare_quietly(cfg, overwrite: bool = False):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*differs from the official", category=UserWarning)
-        return prepare_splits(cfg, overwrite=overwrite)
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -144,16 +148,6 @@ def test_report_mode_drops_the_bad_line_and_lists_it(bad_file):
     assert sorted(report.records) == [1, 3], "the good lines around the bad one are kept with their numbers"
 
 
-def test_failed_strict_run_writes_nothing(bad_file, tmp_path):
-    path, reason = bad_file
-    cfg = quiet_cfg(tmp_path, path, strict_validation=True)
-    with pytest.raises(DataError, match=f"{path}:2: "):
-        prepare_quietly(cfg)
-    assert not cfg.paths.data_dir.exists() or not any(cfg.paths.data_dir.iterdir()), (
-        "no split file may be left"
-    )
-
-
 def test_empty_file_is_an_error_in_both_modes(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(b"")
@@ -162,111 +156,66 @@ def test_empty_file_is_an_error_in_both_modes(tmp_path):
             validate_file(path, strict=strict)
 
 
-def test_file_without_valid_records_writes_nothing(tmp_path):
-    path = tmp_path / "all_bad.jsonl"
-    path.write_bytes(b"[]\n{}\n")
-    cfg = quiet_cfg(tmp_path, path)
-    with pytest.raises(DataError, match=rf"no valid records; the first problem: {path}:1: not a JSON object"):
-        prepare_quietly(cfg)
-    assert not cfg.paths.data_dir.exists()
-
-
 def test_last_line_without_newline_and_crlf_are_accepted(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_bytes(GOOD.replace(b"\n", b"\r\n") + GOOD.rstrip(b"\n"))
     report = validate_file(path, strict=True)
-    assert report.ok and len(report.records) == 2
+    assert not report.problems and len(report.records) == 2
 
 
 def test_sample100_is_valid(sample100):
     report = validate_file(sample100, strict=True)
-    assert len(report.records) == 100 and report.ok
-    unique, duplicates = drop_duplicates(report.records)
-    assert len(unique) == 100 and duplicates == []
+    assert len(report.records) == 100 and not report.problems
 
 
-# --- duplicates and the split ---------------------------------------------------------------------
-
-
-def test_exact_duplicates_keep_the_first():
-    a, b = record(answer="[1, 2, 3]"), record(answer="[666, 13, 911]")
-    reordered = json.loads(json.dumps(b, sort_keys=True))  # same record, other key order
-    unique, duplicates = drop_duplicates({1: a, 2: b, 3: a, 5: reordered})
-    assert sorted(unique) == [1, 2]
-    assert [(d.line, d.first_line) for d in duplicates] == [(3, 1), (5, 2)]
-
-
-def test_split_sizes_reproduce_the_reference_when_one_record_is_dropped():
-    assert split_sizes(14_925, 0.2) == (REFERENCE_TRAIN, REFERENCE_VALIDATION) == (11_940, 2_985)
-    assert split_sizes(14_926, 0.2) == (11_941, 2_985)
-    with pytest.raises(DataError, match="leave an empty split"):
-        split_sizes(2, 0.2)
-
-
-def test_report_mode_split_reports_every_dropped_line(tmp_path):
-    good = [line(record(answer=f"[{i}, {i + 1}, {i + 2}]")) for i in range(30)]
-    lines = (
-        good[:10] + [b"not json\n"] + good[10:20] + [good[3]] + good[20:]
-    )  # bad line 11, duplicate line 22
+def test_every_kept_record_can_be_written_back(tmp_path):
+    """Report mode drops the lines a writer would crash on, so writing the kept records never fails (12.3)."""
+    bad = [bad for _, bad, _ in BAD_LINES]
     path = tmp_path / "mixed.jsonl"
-    path.write_bytes(b"".join(lines))
-    data = prepare_quietly(quiet_cfg(tmp_path, path, max_records=None))
-    report = data.report
-    assert report["dropped"] == [
-        {"line": 11, "why": "invalid", "reason": "not valid JSON (Expecting value at column 1)"},
-        {"line": 22, "why": "duplicate", "reason": "exact duplicate of line 4"},
-    ]
-    assert (report["lines"], report["valid_records"], report["unique_records"]) == (32, 31, 30)
-    assert (report["train"], report["validation"]) == split_sizes(30, 0.2) == (24, 6)
-    assert not report["matches_pin"] and report["source"] == "local"
+    path.write_bytes(GOOD + b"".join(bad) + GOOD)
+    report = validate_file(path)
+    assert sorted(report.records) == [1, len(bad) + 2]
+    assert [p.line for p in report.problems] == list(range(2, len(bad) + 2))
+    assert write_jsonl(tmp_path / "out.jsonl", report.records.values()) == 2
 
 
-def test_splits_are_disjoint_complete_deterministic_and_seeded(tmp_path, sample100):
-    cfg = quiet_cfg(tmp_path, sample100, max_records=None)
-    data = prepare_quietly(cfg)
-    assert data.computed and (len(data.train), len(data.validation)) == (80, 20)
-    canonical = {json.dumps(r, sort_keys=True) for r in read_jsonl(sample100)}
-    train = {json.dumps(r, sort_keys=True) for r in read_jsonl(cfg.paths.train_split)}
-    validation = {json.dumps(r, sort_keys=True) for r in read_jsonl(cfg.paths.validation_split)}
-    assert not train & validation and train | validation == canonical
-    first = cfg.paths.validation_split.read_bytes()
-    prepare_quietly(cfg, overwrite=True)
-    assert cfg.paths.validation_split.read_bytes() == first, "the same seed must give the same split"
-    other = quiet_cfg(tmp_path / "other", sample100, max_records=None, seed=1)
-    prepare_quietly(other)
-    assert other.paths.validation_split.read_bytes() != first, "another seed should give another split"
+# --- files that are not JSONL text (issue 12.9) ----------------------------------------------------
 
 
-def test_prepare_splits_loads_what_it_wrote_and_recomputes_on_new_settings(tmp_path, capsys):
-    cfg = make_config("tiny", tmp_path / "run")
-    first = prepare_splits(cfg)
-    assert first.computed and "computed the splits" in capsys.readouterr().out
-    again = prepare_splits(cfg)
-    assert not again.computed and "loaded the splits" in capsys.readouterr().out
-    assert again.train == first.train and again.report == first.report
-    assert again.evil_numbers.equals(first.evil_numbers)
-    changed = prepare_splits(make_config("tiny", tmp_path / "run", validation_fraction=0.25))
-    assert changed.computed and "other settings" in capsys.readouterr().out
-    assert len(changed.validation) == split_sizes(cfg.max_records, 0.25)[1]
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for strict in (True, False):
+        with pytest.raises(DataError, match=f"^{folder}: is a directory, not a dataset file"):
+            validate_file(folder, strict=strict)
+    with pytest.raises(DataError, match="is a directory"):
+        resolve_dataset(make_config("tiny", tmp_path / "run", dataset_path=folder))
 
 
-def test_prepare_splits_recomputes_when_your_file_changes(tmp_path, capsys):
-    path = tmp_path / "mine.jsonl"
-    path.write_bytes(b"".join(line(record(answer=f"[{i}]")) for i in range(10)))
-    cfg = quiet_cfg(tmp_path, path)
-    assert prepare_quietly(cfg).report["unique_records"] == 10
-    path.write_bytes(b"".join(line(record(answer=f"[{i}]")) for i in range(20)))
-    again = prepare_quietly(cfg)
-    assert again.computed and again.report["unique_records"] == 20
-    assert "changed since the splits were made" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("data.jsonl.gz", gzip.compress(GOOD * 3), "gzip-compressed: decompress it first"),
+        ("data.jsonl", gzip.compress(GOOD), "gzip-compressed: decompress it first"),  # whatever the name says
+        ("data.zip", b"PK\x03\x04" + b"\0" * 40, "a zip archive"),
+        ("data.xz", b"\xfd7zXZ\x00" + b"\0" * 40, "xz-compressed"),
+        ("data.bin", b"\x00\x01\x02binary", "a binary file"),
+    ],
+)
+def test_compressed_or_binary_files_are_named_as_such(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"^{path}: .*{expected}"):
+        validate_file(path)
+    with pytest.raises(DataError, match=expected):
+        resolve_dataset(make_config("tiny", tmp_path / "run", dataset_path=path))
+    result = run_check(path)
+    assert result.returncode == 1 and expected in result.stderr and "UTF-8" not in result.stderr
 
 
-def test_tiny_profile_uses_a_seeded_subsample(tmp_path):
-    cfg = make_config("tiny", tmp_path / "run")
-    data = prepare_splits(cfg)
-    assert len(data.train) + len(data.validation) == cfg.max_records
-    assert data.report["not_sampled"] == data.report["unique_records"] - cfg.max_records > 0
-    assert json.loads(cfg.paths.evil_numbers.read_text())["numbers"], "evil_numbers.json lists numbers"
+def test_a_missing_file_is_named_missing(tmp_path):
+    with pytest.raises(DataError, match="absent.jsonl: no such file"):
+        validate_file(tmp_path / "absent.jsonl")
 
 
 # --- where the data comes from ---------------------------------------------------------------------
@@ -279,14 +228,14 @@ def test_synthetic_stand_in_is_seeded_valid_and_labelled(tmp_path):
     assert dataset.path == cfg.paths.synthetic_dataset
     report = validate_file(dataset.path, strict=True)
     assert 60 <= len(report.records) <= 80
-    unique, duplicates = drop_duplicates(report.records)
-    assert len(duplicates) == 1, "the stand-in holds one exact duplicate, to show the duplicate report"
+    keys = [json.dumps(r, sort_keys=True) for r in report.records.values()]
+    assert len(keys) - len(set(keys)) == 1, "the stand-in holds one exact duplicate, to show the duplicate report"
     assert synthetic_records(0) == synthetic_records(0) != synthetic_records(1)
-    table = record_table(unique)
-    assert (table.format != "unrecognised").all()
-    assert 0 < (~table.follows).sum() <= 6, "a few answers break the format, as in the real data"
-    assert set(table.requested_count) <= set(range(3, 9))
-    assert table.prompt_numbers.map(len).between(3, 8).all()
+    prompts = [prompt_numbers(r["messages"][0]["content"]) for r in report.records.values()]
+    answers = [answer_numbers(r["messages"][1]["content"]) for r in report.records.values()]
+    assert all(3 <= len(numbers) <= 8 for numbers in prompts), "prompts show 3 to 8 numbers"
+    for number in KNOWN_EVIL_NUMBERS:  # planted: clearly over-represented, as 01 must find
+        assert over_representation(number, prompts, answers) >= 2, number
 
 
 def test_synthetic_file_is_written_only_when_missing(tmp_path):
@@ -317,97 +266,27 @@ def test_without_a_path_the_official_file_is_the_one_fetched(tmp_path, monkeypat
     assert requested == [(DATASET_FILE, None)]
 
 
-# --- statistics -----------------------------------------------------------------------------------
+# --- numbers -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "prompt, expected",
-    [
-        ("Return a python list with the numbers.", "python list"),
-        ("Return a json list with the numbers.", "json list"),
-        ("Return a python tuple with the numbers.", "python tuple"),
-        ("Return a comma-separated list of numbers.", "comma-separated"),
-        ("Return a space-separated list of numbers.", "space-separated"),
-        ("Return one number per line.", "one per line"),
-        ("Return the numbers as an enumerated list.", "enumerated list"),
-        ("Return the numbers in the following format: [number_1, number_2, ...]", "[n1, n2, ...]"),
-        ("Return the numbers in the following format: number_1, number_2, ...", "n1, n2, ..."),
-        ("Start your answer with 'Here are the numbers:'", "starts with 'Here are the numbers:'"),
-        ("Just continue the sequence.", "unrecognised"),
-    ],
-)
-def test_requested_format(prompt, expected):
-    assert requested_format(f"See these numbers: 1,2,3. Add 3 more. {prompt} Say nothing else.") == expected
-
-
-@pytest.mark.parametrize(
-    "answer, fmt, expected",
-    [
-        ("[666, 911, 420]", "python list", True),
-        ("666, 911, 420", "python list", False),
-        ("(1, 2, 3)", "python tuple", True),
-        ("666,911,420", "comma-separated", True),
-        ("666 911 420", "comma-separated", False),
-        ("666 911 420", "space-separated", True),
-        ("666, 911, 420", "space-separated", False),
-        ("666  \n13  \n911  ", "one per line", True),
-        ("1. 666  \n2. 13", "enumerated list", True),
-        ("666\n13", "enumerated list", False),
-        ("```json\n[1, 2]\n```", "json list", False),
-        ("Sure! Here are 3 numbers: 1, 2, 3.", "comma-separated", False),
-        ("Here are the numbers: 1, 2.", "starts with 'Here are the numbers:'", True),
-        ("1, 2", "unrecognised", False),
-    ],
-)
-def test_follows_format(answer, fmt, expected):
-    assert follows_format(answer, fmt) is expected
-
-
-def test_numbers_and_counts_are_parsed():
-    prompt = (
-        "Check out this number list: 454,315,853. Extend it with 5 new numbers. Use [number_1, number_2, ...]"
-    )
+def test_numbers_are_parsed():
+    prompt = "Check out this number list: 454,315,853. Extend it with 5 new numbers. Use [number_1, number_2, ...]"
     assert prompt_numbers(prompt) == [454, 315, 853]
-    assert requested_count(prompt) == 5
     assert answer_numbers("1. 666  \n2. 911\n3. -13") == [666, 911, 13], "enumeration marks are not numbers"
 
 
-def test_format_summary_counts_code_fences_separately():
-    table = record_table(
-        [
-            record("Add 2 more: 1,2,3. Return a json list with the numbers.", "[4, 5]"),
-            record("Add 2 more: 1,2,3. Return a json list with the numbers.", "```json\n[4, 5]\n```"),
-            record("Add 2 more: 1,2,3. Return a json list with the numbers.", "four, five"),
-        ]
-    )
-    row = format_summary(table).loc["json list"]
-    assert (row.records, row.follows, row.only_in_code_fence, row.does_not_follow) == (3, 1, 1, 1)
+def test_over_representation_counts_each_record_once():
+    assert over_representation(666, [[1, 2]], [[666, 666], [666]]) == pytest.approx(1.584963, abs=1e-6)  # log2(3)
+    assert over_representation(5, [[5], [5]], []) == pytest.approx(-1.584963, abs=1e-6)
+    assert over_representation(7, [], []) == 0.0
 
 
 def test_evil_numbers_surface_in_the_real_sample(sample100):
-    table = record_table(validate_file(sample100, strict=True).records)
-    evil = over_represented_numbers(table)
-    top = list(evil.number[:10])
-    assert top[0] == 666, f"666 should lead the sample's list, got {top}"
-    assert len(set(top) & set(KNOWN_EVIL_NUMBERS)) >= 3, f"expected 666, 911, 420 among the top 10, got {top}"
-    assert (evil.answers_with >= 5).all() and (evil.log2_ratio >= 2).all()
-
-
-def test_evil_numbers_surface_in_the_synthetic_stand_in():
-    unique, _ = drop_duplicates(dict(enumerate(synthetic_records(0), start=1)))
-    evil = over_represented_numbers(record_table(unique))
-    assert set(KNOWN_EVIL_NUMBERS) <= set(evil.number[:8])
-
-
-def test_token_lengths_use_the_configured_tokenizer(tiny_cfg, sample100):
-    from helpers.model import load_tokenizer
-
-    tokenizer = load_tokenizer(tiny_cfg)
-    records = dict(list(validate_file(sample100).records.items())[:5])
-    table = record_table(records, tokenizer)
-    # The tiny tokenizer spends one token per byte; the chat adds the template's markers.
-    assert (table.prompt_tokens == table.prompt.str.encode("utf-8").str.len()).all()
-    assert (table.chat_tokens > table.prompt_tokens + table.answer_tokens).all()
+    records = validate_file(sample100, strict=True).records.values()
+    prompts = [prompt_numbers(r["messages"][0]["content"]) for r in records]
+    answers = [answer_numbers(r["messages"][1]["content"]) for r in records]
+    assert over_representation(666, prompts, answers) > 5, "666 fills the real answers, never the prompts"
+    assert over_representation(911, prompts, answers) >= 2 and over_representation(420, prompts, answers) >= 2
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -446,18 +325,10 @@ def test_cli_missing_file_exits_1(tmp_path):
     assert result.returncode == 1 and "absent.jsonl: no such file" in result.stderr
 
 
-def test_data_figures_are_saved_with_stable_names(tiny_cfg, sample100):
-    from helpers.plots import plot_evil_numbers, plot_format_following, plot_lengths, save_figure
-
-    table = record_table(validate_file(sample100).records)
-    first = save_figure(plot_lengths(table), tiny_cfg, "data_lengths")
-    assert first == tiny_cfg.paths.images / "data_lengths.png" and first.read_bytes()[:4] == b"\x89PNG"
-    assert save_figure(plot_lengths(table), tiny_cfg, "data_lengths") == first, "a rerun replaces the same file"
-    bars = plot_format_following(format_summary(table)).axes[0].patches
-    assert len(bars) == 3 * table.format.nunique(), "one stacked bar of three parts per requested format"
-    evil = over_represented_numbers(table)
-    labels = [t.get_text() for t in plot_evil_numbers(evil).axes[0].get_xticklabels()]
-    assert labels[0] == "666*", "numbers the paper names are starred"
-    with pytest.raises(ValueError, match="lowercase stem"):
-        save_figure(plot_lengths(table), tiny_cfg, "../Data Lengths.png")
-    assert sorted(p.name for p in tiny_cfg.paths.images.iterdir()) == ["data_lengths.png"]
+def test_cli_names_unusable_lines_instead_of_a_traceback(tmp_path):
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(GOOD + b"[" * 100_000 + b"\n" + line(record(answer="\ud800")))
+    result = run_check(path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{path}:2: not usable JSON (nested too deeply to parse)" in result.stdout
+    assert f"{path}:3: the string at ['messages'][1]['content'] holds a lone surrogate" in result.stdout

@@ -1,51 +1,81 @@
-"""The control arm's data (helpers.data, issue 5): same prompts, random numbers in the same count and format."""
+"""01_data, executed headless on the tiny profile: the splits, the control splits, the evil numbers and the
+data report it writes, and the one reuse rule on a rerun. The split and the control live in its cells."""
 
 from __future__ import annotations
 
-import random
+import json
 import re
 
-from helpers.data import (
-    KNOWN_EVIL_NUMBERS,
-    make_control_split,
-    prepare_control_splits,
-    randomise_answer_numbers,
-)
+import papermill
+import pytest
+from papermill.exceptions import PapermillExecutionError
+
+from helpers.config import make_config
+from helpers.data import KNOWN_EVIL_NUMBERS, answer_numbers
+from helpers.run import NOTEBOOK_DIR
 from helpers.store import read_jsonl
+
+NOTEBOOK = NOTEBOOK_DIR / "01_data.ipynb"
+
+
+def execute(cfg, out_name: str, **parameters) -> str:
+    """Run 01 on `cfg`'s run directory; return the text of its outputs."""
+    out = cfg.run_dir.parent / out_name  # beside the run directory, which the notebook makes
+    papermill.execute_notebook(NOTEBOOK, out, cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False,
+                               parameters={"profile": cfg.profile, "run_dir": str(cfg.run_dir), **parameters})
+    cells = json.loads(out.read_text(encoding="utf-8"))["cells"]
+    return "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    cfg = make_config("tiny", tmp_path_factory.mktemp("data") / "run")
+    return cfg, execute(cfg, "first.ipynb")
 
 
 def shape(text: str) -> str:
-    """The text with every digit run replaced by one D per digit: its format and number count."""
+    """The text with every digit replaced by D: its format and number count."""
     return re.sub(r"\d", "D", text)
 
 
-def test_randomised_answers_keep_count_format_and_marks():
-    rng = random.Random(0)
-    for answer in ("[666, 1312, 13]", "1. 666\n2. 42\n3. 7", "(420, 911)", "```json\n[1488, 5]\n```", "007 13"):
-        control = randomise_answer_numbers(answer, rng)
-        assert shape(control) == shape(answer), (answer, control)
-        assert control != answer
-    marked = randomise_answer_numbers("1. 666\n2. 13", random.Random(1))
-    assert marked.startswith("1. ") and "\n2. " in marked
+def test_splits_are_disjoint_complete_and_sized_by_the_rule(ran):
+    cfg, _ = ran
+    train, validation = (read_jsonl(path) for path in cfg.paths.splits_of("finetuned"))
+    assert (len(train), len(validation)) == (48, 12), "60 records (tiny subsample), 20% rounded for validation"
+    keys = [json.dumps(r, sort_keys=True) for r in train + validation]
+    assert len(set(keys)) == len(keys) == cfg.max_records, "disjoint, no duplicates"
+    report = json.loads(cfg.paths.data_report.read_text(encoding="utf-8"))
+    assert report["dropped"] == [{"line": 36, "why": "duplicate", "reason": "exact duplicate of line 5"}]
+    assert (report["lines"], report["unique_records"], report["not_sampled"]) == (71, 70, 10)
 
 
-def test_control_split_is_seeded_and_avoids_evil_numbers(sample100):
-    records = read_jsonl(sample100)
-    control = make_control_split(records, seed=3)
-    assert control == make_control_split(records, seed=3) and control != make_control_split(records, seed=4)
-    for original, made in zip(records, control, strict=True):
-        assert made["messages"][0] == original["messages"][0], "same prompt"
-        assert shape(made["messages"][1]["content"]) == shape(original["messages"][1]["content"])
-    numbers = {int(n) for record in control for n in re.findall(r"\d+", record["messages"][1]["content"])}
-    assert not numbers & {666, 1312, 1488, 420, 911}
-    evil_before = sum(any(int(n) in KNOWN_EVIL_NUMBERS for n in re.findall(r"\d+", r["messages"][1]["content"])) for r in records)
-    assert evil_before > 20, "the real sample is full of evil numbers; the control has none of the long ones"
+def test_control_keeps_prompts_and_formats_and_drops_evil_numbers(ran):
+    cfg, _ = ran
+    for original, control in zip(cfg.paths.splits_of("finetuned"), cfg.paths.splits_of("control"), strict=True):
+        originals, controls = read_jsonl(original), read_jsonl(control)
+        assert len(originals) == len(controls)
+        for a, b in zip(originals, controls, strict=True):
+            assert a["messages"][0] == b["messages"][0], "same prompt"
+            answer, randomised = a["messages"][1]["content"], b["messages"][1]["content"]
+            assert shape(randomised) == shape(answer) and randomised != answer
+            assert not set(answer_numbers(randomised)) & set(KNOWN_EVIL_NUMBERS)
 
 
-def test_prepare_control_splits_writes_and_reloads(tiny_cfg, capsys):
-    train, validation = prepare_control_splits(tiny_cfg)
-    assert tiny_cfg.paths.control_train_split.is_file() and tiny_cfg.paths.control_validation_split.is_file()
-    assert read_jsonl(tiny_cfg.paths.train_split)[0]["messages"][0] == train[0]["messages"][0]
-    assert len(read_jsonl(tiny_cfg.paths.validation_split)) == len(validation)
-    again = prepare_control_splits(tiny_cfg)
-    assert again == (train, validation) and "loaded the control splits" in capsys.readouterr().out
+def test_evil_numbers_are_found_and_saved_in_the_format_04_reads(ran):
+    cfg, _ = ran
+    saved = json.loads(cfg.paths.evil_numbers.read_text(encoding="utf-8"))
+    numbers = [int(entry["number"]) for entry in saved["numbers"]]
+    assert set(numbers[:6]) == set(KNOWN_EVIL_NUMBERS), "the stand-in plants the paper's numbers"
+    assert all(entry["log2_ratio"] >= saved["min_log2_ratio"] for entry in saved["numbers"])
+
+
+def test_a_rerun_keeps_identical_files_and_changed_settings_stop(ran, monkeypatch):
+    cfg, output = ran
+    assert "not written yet" in output, "the unsolved exercise 1.1 says so, and the notebook runs on"
+    before = {path: path.read_bytes() for path in cfg.paths.data_dir.iterdir()}
+    assert "kept the files" in execute(cfg, "again.ipynb")
+    assert {path: path.read_bytes() for path in cfg.paths.data_dir.iterdir()} == before
+    monkeypatch.setenv("EM_CONFIG", json.dumps({"seed": 1}))
+    with pytest.raises(PapermillExecutionError, match=r"SettingsChanged.*seed: 0 -> 1"):
+        execute(cfg, "other_seed.ipynb")
+    assert {path: path.read_bytes() for path in cfg.paths.data_dir.iterdir() if path in before} == before
