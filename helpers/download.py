@@ -1,13 +1,10 @@
 """Verified files: download a pinned file once, check its git blob id, write it atomically."""
 
-from __future__ import annotations
-
 import hashlib
 import http.client
 import os
 import shutil
 import tempfile
-import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -25,7 +22,6 @@ class DownloadError(RuntimeError):
 @dataclass(frozen=True)
 class VerifiedFile:
     """A file on disk, its git blob id, and whether that id is the pinned one."""
-
     path: Path
     blob_id: str
     matches_pin: bool
@@ -54,8 +50,7 @@ def atomic_write_bytes(path: Path, content: bytes) -> None:
 
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `path`; when the block succeeds it replaces `path`, when it
-    fails it is removed, so `path` is never half-written."""
+    """Yield an empty staging folder beside `path`: it replaces `path` when the block succeeds, else goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -70,50 +65,36 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def fetch_pinned(pinned: PinnedFile, cache_dir: Path, local_path: Path | None = None, timeout: float = 60) -> VerifiedFile:
-    """Return a verified copy of `pinned`: the local file you name, else the cache, else a download.
-
-    A local file whose blob id differs is used with a warning (you asked for it). A cached or
-    downloaded file whose id differs is an error, and no file is left behind.
-    """
+    """Return a verified copy of `pinned`: the local file you name, else the cache, else a download. A local
+    file whose blob id differs is used with a warning (you asked for it); a cached one is deleted, with a
+    warning, and downloaded again; a download whose id differs is an error, and nothing is left behind."""
     if local_path is not None:
-        local_path = Path(local_path)
-        if not local_path.is_file():
-            raise FileNotFoundError(f"{local_path}: no such file (given for {pinned.path})")
-        blob_id = git_blob_id(local_path.read_bytes())
-        if blob_id != pinned.blob_id:
-            warnings.warn(
-                f"{local_path}: git blob id {blob_id} differs from the official {pinned.path} "
-                f"({pinned.blob_id}); using it because you asked for this file",
-                stacklevel=2,
-            )
-        return VerifiedFile(local_path, blob_id, blob_id == pinned.blob_id, "local")
-
-    cached = Path(cache_dir) / pinned.name
+        if not (local := Path(local_path)).is_file():
+            raise FileNotFoundError(f"{local}: {'a folder, not a file' if local.is_dir() else 'no such file'} (given for {pinned.path})")
+        if (blob_id := git_blob_id(local.read_bytes())) != pinned.blob_id:
+            warnings.warn(f"{local}: git blob id {blob_id} differs from the official {pinned.path} "
+                          f"({pinned.blob_id}); using it because you asked for this file", stacklevel=2)
+        return VerifiedFile(local, blob_id, blob_id == pinned.blob_id, "local")
+    cached, damaged = Path(cache_dir) / pinned.name, ""
     if cached.is_file():
-        blob_id = git_blob_id(cached.read_bytes())
-        if blob_id == pinned.blob_id:
+        if (blob_id := git_blob_id(cached.read_bytes())) == pinned.blob_id:
             return VerifiedFile(cached, blob_id, True, "cache")
-        cached.unlink()  # a stale or damaged cache entry: fetch it again
-
+        cached.unlink()  # damaged or changed: say so, and where, then download it again
+        damaged = f"the cached copy {cached} failed its git blob check (id {blob_id}, not {pinned.blob_id}) and was deleted; "
+        warnings.warn(f"{damaged}downloading {pinned.url} again", stacklevel=2)
     try:
         with urllib.request.urlopen(pinned.url, timeout=timeout) as response:
             content = response.read()
-    # HTTPException covers a connection dropped mid-body (IncompleteRead), which is not an OSError.
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as error:
-        raise DownloadError(
-            f"could not download {pinned.url}: {error}. Check your internet connection, or download "
-            f"the file yourself and pass its path (the config's dataset_path / questions_path, or "
-            f"EM_DATASET_PATH / EM_QUESTIONS_PATH)."
-        ) from error
-    blob_id = git_blob_id(content)
-    if blob_id != pinned.blob_id:
-        raise DownloadError(
-            f"{pinned.url}: downloaded {len(content):,} bytes with git blob id {blob_id}, expected "
-            f"{pinned.blob_id} (truncated or changed). Nothing was saved; run the cell again."
-        )
+    except (OSError, http.client.HTTPException) as error:  # HTTPException: a connection dropped mid-body
+        raise DownloadError(f"{damaged}could not download {pinned.url}: {error}. Check your internet connection, "
+                            "or download the file yourself and pass its path (the config's dataset_path / "
+                            "questions_path, or EM_DATASET_PATH / EM_QUESTIONS_PATH).") from error
+    if (blob_id := git_blob_id(content)) != pinned.blob_id:
+        raise DownloadError(f"{damaged}{pinned.url}: downloaded {len(content):,} bytes with git blob id {blob_id}, expected "
+                            f"{pinned.blob_id} (truncated or changed). Nothing was saved; run the cell again.")
     atomic_write_bytes(cached, content)
     return VerifiedFile(cached, blob_id, True, "download")

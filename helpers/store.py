@@ -1,4 +1,4 @@
-"""JSONL files: atomic whole-file writes, and an append-only store keyed for resume."""
+"""JSONL files: atomic whole-file writes, an append-only store keyed for resume, and the reuse rule."""
 
 from __future__ import annotations
 
@@ -6,24 +6,29 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from helpers.download import atomic_write_text
 
 
+def _parse(path: Path, lines: Iterable[bytes]) -> Iterator[dict]:
+    """Each non-blank line as JSON; a line that is not UTF-8 or not JSON raises ValueError naming PATH:LINE.
+    Lines are split at b"\n" only: json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw."""
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+            if line.strip():
+                yield json.loads(line)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, too deep
+            raise ValueError(f"{path}:{number}: not valid JSON ({getattr(error, 'msg', error)})") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Every line of a JSONL file as a dict; a bad line raises ValueError naming PATH:LINE."""
-    rows = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-    return rows
+    return list(_parse(path, Path(path).read_bytes().split(b"\n")))
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
@@ -39,50 +44,38 @@ def write_json(path: Path, value: object) -> None:
 
 
 class JsonlStore:
-    """An append-only JSONL file of rows keyed by `key_fields`; a rerun skips keys already there.
-
-    Each `append` writes whole lines and fsyncs, so a killed process loses at most the rows in
-    flight. A half-written last line (the only damage a kill can do) is cut off on open, with a
-    warning; a bad line anywhere else is an error naming the file and line.
-    """
+    """An append-only JSONL file of rows keyed by `key_fields`; a rerun skips keys already there. On open, a
+    last line that is not valid JSON (an append torn by a kill) is cut off with a warning; a valid last row
+    that only lacks its newline is kept; a bad line anywhere else is an error naming PATH:LINE."""
 
     def __init__(self, path: Path, key_fields: Sequence[str]) -> None:
-        self.path = Path(path)
-        self.key_fields = tuple(key_fields)
-        self._rows: dict[tuple, dict] = {}
+        self.path, self.key_fields, self._rows = Path(path), tuple(key_fields), {}
         if self.path.exists():
-            self._load()
+            *lines, last = self.path.read_bytes().split(b"\n")  # last: b"" when the file ends with "\n"
+            torn = False
+            try:
+                list(_parse(self.path, [last]))  # blank, or a complete row
+            except ValueError:  # not UTF-8 or not JSON: an append torn by a kill
+                torn = True
+            for row in _parse(self.path, lines if torn else [*lines, last]):  # a bad row raises before any repair
+                self._rows.setdefault(self.key(row), row)
+            if torn:
+                warnings.warn(f"{self.path}: cut off a half-written last line ({len(last)} bytes), not valid JSON: "
+                              "an append torn by a kill; its rows are made again", stacklevel=2)
+                with open(self.path, "r+b") as damaged:
+                    damaged.truncate(damaged.seek(0, os.SEEK_END) - len(last))
+            elif last.strip():  # a complete row that only lacks its newline: keep it, end the line
+                with open(self.path, "ab") as out:
+                    out.write(b"\n")
 
     def key(self, row: dict) -> tuple:
         """The key of a row; a missing key field is an error naming the field."""
-        missing = [name for name in self.key_fields if name not in row]
-        if missing:
+        if missing := [name for name in self.key_fields if name not in row]:
             raise KeyError(f"{self.path}: row lacks key field(s) {missing}: {row}")
         return tuple(row[name] for name in self.key_fields)
 
-    def _load(self) -> None:
-        content = self.path.read_bytes()
-        complete_end = content.rfind(b"\n") + 1
-        if complete_end < len(content):
-            warnings.warn(f"{self.path}: cut off a half-written last line ({len(content) - complete_end} bytes)", stacklevel=3)
-            with open(self.path, "r+b") as damaged:
-                damaged.truncate(complete_end)
-        # split on "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which
-        # json.dumps(ensure_ascii=False) writes raw inside strings (a sampled answer can hold them).
-        for number, line in enumerate(content[:complete_end].decode("utf-8").split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{self.path}:{number}: not valid JSON ({error.msg})") from error
-            self._rows.setdefault(self.key(row), row)
-
     def __contains__(self, key: tuple) -> bool:
         return key in self._rows
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
     def rows(self) -> list[dict]:
         """The stored rows, first occurrence of each key, in file order."""
@@ -93,21 +86,18 @@ class JsonlStore:
         return [row for row in candidates if self.key(row) not in self._rows]
 
     def append(self, rows: Iterable[dict]) -> int:
-        """Append the rows whose keys are new; return how many were written."""
+        """Append the rows whose keys are new, as whole lines, fsynced; return how many were written."""
         fresh: dict[tuple, dict] = {}
         for row in rows:
-            key = self.key(row)
-            if key not in self._rows:
+            if (key := self.key(row)) not in self._rows:
                 fresh.setdefault(key, row)
-        if not fresh:
-            return 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in fresh.values())
-        with open(self.path, "a", encoding="utf-8") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        self._rows.update(fresh)
+        if fresh:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as out:
+                out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in fresh.values()))
+                out.flush()
+                os.fsync(out.fileno())
+            self._rows.update(fresh)
         return len(fresh)
 
 
@@ -115,35 +105,21 @@ class SettingsChanged(RuntimeError):
     """An artefact on disk was made with other settings than the ones asked for now."""
 
 
-def settings_file(artefact: Path) -> Path:
-    """Where the settings that made `artefact` (a file or a folder) are recorded: beside it."""
-    artefact = Path(artefact)
-    return artefact.with_name(artefact.name + ".settings.json")
-
-
-def _plain(settings: dict) -> dict:
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
-
-
 def reuse(artefact: Path, settings: dict, overwrite: bool = False) -> bool:
-    """The one "reuse if the settings match" rule of the series.
-
-    True: `artefact` exists and was made with exactly `settings` (load it, or resume it). False: there
-    is nothing to reuse (missing, or `overwrite`, which deletes it): make it, then `record_settings`.
-    Raises SettingsChanged naming every setting that differs, so nothing is silently mixed or lost.
-    """
-    artefact, recorded = Path(artefact), settings_file(artefact)
+    """The one "reuse if the settings match" rule of the series. True: `artefact` exists and was made with
+    exactly `settings` (load or resume it). False: nothing to reuse (missing, or `overwrite`, which deletes
+    it): make it, then `record_settings`. Raises SettingsChanged naming every setting that differs."""
+    artefact, recorded = Path(artefact), Path(f"{artefact}.settings.json")  # the settings, beside it
     if overwrite:
         shutil.rmtree(artefact) if artefact.is_dir() else artefact.unlink(missing_ok=True)
         recorded.unlink(missing_ok=True)
-        return False
-    if not artefact.exists():
+    if overwrite or not artefact.exists():
         return False
     stored = json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}
-    wanted = _plain(settings)
-    if stored != wanted:
-        changed = [f"{key}: {stored.get(key, '(not recorded)')!r} -> {wanted.get(key, '(not set)')!r}"
-                   for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+    wanted = json.loads(json.dumps(settings, sort_keys=True, default=str))  # tuples compare equal to lists
+    changed = [f"{key}: {stored.get(key, '(not recorded)')!r} -> {wanted.get(key, '(not set)')!r}"
+               for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+    if changed:
         raise SettingsChanged(f"{artefact} was made with other settings ({'; '.join(changed)}). "
                               "Pass overwrite=True to make it again, or choose another run_dir.")
     return True
@@ -151,4 +127,4 @@ def reuse(artefact: Path, settings: dict, overwrite: bool = False) -> bool:
 
 def record_settings(artefact: Path, settings: dict) -> None:
     """Record the settings that made (or are making) `artefact`, for `reuse`."""
-    write_json(settings_file(artefact), _plain(settings))
+    write_json(Path(f"{artefact}.settings.json"), json.loads(json.dumps(settings, sort_keys=True, default=str)))

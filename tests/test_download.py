@@ -98,16 +98,6 @@ def test_cache_hit_does_not_download_again(server, tmp_path):
     assert server.requests == ["/data/evil_numbers.jsonl"], "the second call should not touch the server"
 
 
-def test_damaged_cache_is_fetched_again(server, tmp_path):
-    server.serve("data/evil_numbers.jsonl", CONTENT)
-    cached = tmp_path / "cache" / "evil_numbers.jsonl"
-    atomic_write_bytes(cached, CONTENT[:100])  # a damaged cache entry
-    got = fetch_pinned(pinned(server), tmp_path / "cache")
-    assert got.source == "download" and got.matches_pin
-    assert cached.read_bytes() == CONTENT
-    assert len(server.requests) == 1
-
-
 def test_truncated_content_is_rejected_and_leaves_nothing(server, tmp_path):
     # The server sends a complete response whose body is cut short: only the blob id can tell.
     server.serve("data/evil_numbers.jsonl", CONTENT[: len(CONTENT) // 2])
@@ -182,3 +172,33 @@ def test_atomic_directory_replaces_on_success_and_keeps_the_old_folder_on_failur
             raise RuntimeError("planted failure while saving")
     assert (target / "weights").read_text() == "first", "a failed save must leave the old folder as it was"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "no staging folder may be left behind"
+
+
+def test_damaged_cache_is_reported_with_its_path_then_downloaded_again(server, tmp_path):
+    server.serve("data/evil_numbers.jsonl", CONTENT)
+    cached = tmp_path / "cache" / "evil_numbers.jsonl"
+    atomic_write_bytes(cached, CONTENT[:-1] + b"X")  # one byte changed on disk
+    with pytest.warns(UserWarning, match=rf"cached copy {cached} failed its git blob check .*downloading .* again"):
+        got = fetch_pinned(pinned(server), tmp_path / "cache")
+    assert got.source == "download" and got.matches_pin and cached.read_bytes() == CONTENT
+    assert len(server.requests) == 1
+
+
+def test_damaged_cache_while_offline_says_both_facts(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    offline = ServedFile("data/evil_numbers.jsonl", git_blob_id(CONTENT), base_url=f"http://127.0.0.1:{port}")
+    cached = tmp_path / "cache" / "evil_numbers.jsonl"
+    atomic_write_bytes(cached, CONTENT[:100])
+    with pytest.warns(UserWarning), pytest.raises(DownloadError) as raised:
+        fetch_pinned(offline, tmp_path / "cache", timeout=5)
+    message = str(raised.value)
+    assert f"cached copy {cached} failed its git blob check" in message and "was deleted" in message
+    assert "could not download" in message and "Check your internet connection" in message
+    assert not cached.exists(), "the damaged copy must not be used again"
+
+
+def test_folder_given_as_local_file_is_named_a_folder(tmp_path, server):
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: a folder, not a file \(given for data/evil_numbers.jsonl\)"):
+        fetch_pinned(pinned(server), tmp_path / "cache", local_path=tmp_path)

@@ -1,4 +1,4 @@
-"""JSONL store: keyed resume after a restart or a kill, clear errors, atomic whole-file writes."""
+"""JSONL store: keyed resume after a restart or a kill, clear errors, atomic whole-file writes; the reuse rule."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from helpers.store import JsonlStore, read_jsonl, write_json, write_jsonl
+from helpers.store import (
+    JsonlStore,
+    SettingsChanged,
+    read_jsonl,
+    record_settings,
+    reuse,
+    write_json,
+    write_jsonl,
+)
 
 
 def rows(*ids: int) -> list[dict]:
@@ -18,7 +26,7 @@ def test_append_then_reopen_skips_existing_keys(tmp_path):
     store = JsonlStore(path, ["id", "model"])
     assert store.append(rows(1, 2, 3)) == 3
     reopened = JsonlStore(path, ["id", "model"])
-    assert len(reopened) == 3 and (2, "base") in reopened
+    assert len(reopened.rows()) == 3 and (2, "base") in reopened
     assert [r["id"] for r in reopened.missing(rows(2, 3, 4, 5))] == [4, 5]
     assert reopened.append(rows(2, 3, 4, 5)) == 2
     assert [r["id"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5], "no key may be written twice"
@@ -46,7 +54,7 @@ def test_killed_writer_leaves_half_a_line_that_is_repaired(tmp_path):
         out.write(json.dumps(rows(3)[0])[:17])
     with pytest.warns(UserWarning, match=r"judgments.jsonl: cut off a half-written last line \(17 bytes\)"):
         store = JsonlStore(path, ["id"])
-    assert len(store) == 2
+    assert len(store.rows()) == 2
     assert store.append(rows(2, 3)) == 1
     assert [r["id"] for r in read_jsonl(path)] == [1, 2, 3], (
         "the repaired file has each key once, all lines valid"
@@ -98,3 +106,66 @@ def test_read_jsonl_names_path_and_line(tmp_path):
     path.write_text('{"a": 1}\n\n{"a": \n')
     with pytest.raises(ValueError, match=rf"{path}:3: not valid JSON"):
         read_jsonl(path)
+
+
+def test_complete_last_row_without_newline_is_kept_and_its_line_ended(tmp_path, recwarn):
+    path = tmp_path / "completions.jsonl"
+    path.write_text(json.dumps(rows(1)[0]) + "\n" + json.dumps(rows(2)[0]), encoding="utf-8")  # no final "\n"
+    store = JsonlStore(path, ["id"])
+    assert [r["id"] for r in store.rows()] == [1, 2], "a complete, valid last row is not half-written"
+    assert not [w for w in recwarn if "half-written" in str(w.message)]
+    assert path.read_text(encoding="utf-8").endswith("}\n"), "the row's line is ended, so appends stay one a line"
+    assert store.append(rows(2, 3)) == 1
+    assert [r["id"] for r in read_jsonl(path)] == [1, 2, 3]
+
+
+def test_append_torn_inside_a_multibyte_character_is_cut(tmp_path):
+    path = tmp_path / "completions.jsonl"
+    JsonlStore(path, ["id"]).append(rows(1))
+    torn = json.dumps({"id": 2, "answer": "ünïcode"}, ensure_ascii=False).encode("utf-8")
+    with open(path, "ab") as out:  # a kill between the two bytes of "ü"
+        out.write(torn[: torn.index("ü".encode()) + 1])
+    with pytest.warns(UserWarning, match="cut off a half-written last line"):
+        store = JsonlStore(path, ["id"])
+    assert [r["id"] for r in store.rows()] == [1] and read_jsonl(path) == rows(1)
+
+
+@pytest.mark.parametrize("reader", ["store", "read_jsonl"])
+def test_invalid_byte_is_an_error_naming_path_and_line(tmp_path, reader):
+    path = tmp_path / "completions.jsonl"
+    path.write_bytes(json.dumps(rows(1)[0]).encode() + b'\n{"id": 2, "answer": "caf\xe9"}\n' + json.dumps(rows(3)[0]).encode() + b"\n")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 25\)"):
+        JsonlStore(path, ["id"]) if reader == "store" else read_jsonl(path)
+    assert path.read_bytes() == before, "a damaged file is reported, never rewritten"
+
+
+@pytest.mark.parametrize("line", ["[" * 100_000, '{"id": ' + "9" * 5000 + "}"], ids=["deep", "long-int"])
+def test_json_the_parser_cannot_take_is_an_error_naming_path_and_line(tmp_path, line):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(rows(1)[0]) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):
+        read_jsonl(path)
+
+
+def test_reuse_rule(tmp_path):
+    artefact, settings = tmp_path / "completions.jsonl", {"seed": 0, "formats": ("original", "suffix")}
+    assert reuse(artefact, settings) is False, "missing: make it"
+    artefact.write_text("made\n")
+    record_settings(artefact, settings)
+    assert reuse(artefact, {"formats": ["original", "suffix"], "seed": 0}) is True, "tuples and lists are equal"
+    with pytest.raises(SettingsChanged, match=r"completions.jsonl was made with other settings \(seed: 0 -> 1\)"):
+        reuse(artefact, {**settings, "seed": 1})
+    with pytest.raises(SettingsChanged, match=r"temperature: '\(not recorded\)' -> 1.0"):
+        reuse(artefact, {**settings, "temperature": 1.0})
+    assert artefact.read_text() == "made\n", "a mismatch deletes nothing"
+    assert reuse(artefact, {**settings, "seed": 1}, overwrite=True) is False
+    assert not artefact.exists() and not (tmp_path / "completions.jsonl.settings.json").exists()
+
+
+def test_reuse_overwrite_deletes_a_folder(tmp_path):
+    adapter = tmp_path / "adapter"
+    (adapter / "sub").mkdir(parents=True)
+    record_settings(adapter, {"r": 16})
+    assert reuse(adapter, {"r": 16}) is True
+    assert reuse(adapter, {"r": 16}, overwrite=True) is False and not adapter.exists()
