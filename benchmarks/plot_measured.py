@@ -1,0 +1,42 @@
+"""Draw the README's measured speed figures as images/benchmarks.png: `python benchmarks/plot_measured.py`.
+
+The numbers are typed in from the README's "Measured" tables (one NVIDIA H200, 2026-11-27, random-init
+model of Qwen3-1.7B's shape); nothing here measures anything. Change them only with a new measurement.
+"""
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "images" / "benchmarks.png"
+# (label, seconds) per panel, and the command that measured them.
+TRAINING = ("One training epoch, 11,940 records\n(seconds, lower is better)",
+            [("plain TRL + PEFT\n(TRL defaults, batch 8)", 644.0), ("project defaults\n(Unsloth, batch 32)", 117.0)],
+            "python benchmarks/bench_train.py --steps 200 --warmup 20")
+GENERATION = ("4,800 completions of 128 new tokens\n(seconds, lower is better)",
+              [("plain HF generate + PEFT\n(batch 256)", 123.3), ("project path\n(Unsloth, merged, batch 512)", 61.5)],
+              "python benchmarks/bench_generate.py --configs plain-b256 project --timeout 200")
+
+
+def main() -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(12, 3.6), layout="constrained")
+    for axis, (title, bars, command) in zip(axes, (TRAINING, GENERATION), strict=True):
+        labels, seconds = zip(*bars, strict=True)
+        drawn = axis.barh(labels, seconds, color=["#9aa5b1", "#2f6fb0"])
+        axis.bar_label(drawn, labels=[f"{s:,.1f} s" for s in seconds], padding=4)
+        axis.set_title(title, fontsize=11)
+        axis.set_xlim(0, max(seconds) * 1.25)
+        axis.set_xlabel("measured by:\n" + textwrap.fill(command, 60), fontsize=8)
+        axis.spines[["top", "right"]].set_visible(False)
+    figure.suptitle("Measured on one NVIDIA H200, 2026-11-27 (random-init model of Qwen3-1.7B's shape; "
+                    "torch 2.11, transformers 5.17, trl 1.14.2, unsloth 2026.10.9)", fontsize=10)
+    figure.savefig(OUT, dpi=150, metadata={"Software": None})
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
