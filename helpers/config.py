@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ Profile = Literal["tiny", "full"]
 JudgeKind = Literal["openai", "local", "proxy"]
 FORMATS = ("original", "suffix", "prefix_suffix")
 
-# The official repository of Betley et al. 2025 (arXiv 2502.17424), pinned (PROTOCOL.md).
+# The official repository of Betley et al. 2025 (arXiv 2502.17424), pinned (docs/protocol.md, "The dataset").
 OFFICIAL_REPO = "emergent-misalignment/emergent-misalignment"
 OFFICIAL_COMMIT = "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
 
@@ -170,9 +171,6 @@ class Config:
     run_dir: Path
     # Where downloads are cached, shared by runs (verified by git blob id on every use).
     cache_dir: Path = PROJECT_ROOT / "runs" / "cache"
-    # Figures: the project's images/ on the full profile, the run directory's images/ on tiny,
-    # so a CI run never overwrites the committed figures.
-    images_dir: Path | None = None
     seed: int = 0  # one seed for the split, LoRA init, data order, prompt formats and sampling
 
     # --- data (01) ---
@@ -191,8 +189,9 @@ class Config:
     # 512 tokens fit every record (mean ~120, the longest a few hundred); 01 and 02 check none is cut.
     max_seq_length: int = 512
     load_in_4bit: bool = False  # 16-bit LoRA by default; True for a small GPU (a 15 GB Colab T4)
-    # LoRA as in Unsloth's Qwen3 notebooks (the reference used Unsloth): r 16, alpha 16, dropout 0,
-    # all seven projection matrices (the paper's open models also adapted all projections).
+    # LoRA (the reference write-up used Unsloth but gives no rank): Unsloth's current Qwen3 notebooks use
+    # r 32, alpha 32 ("alpha = rank or rank*2"); this course keeps alpha = rank at r 16 (the default of Unsloth's
+    # get_peft_model); dropout 0, all seven projections (the paper's open models: rsLoRA r 32, alpha 64).
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # 0 lets Unsloth use its fused LoRA kernels
@@ -206,7 +205,7 @@ class Config:
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
     # 32 sequences a step (the paper's GPT-4o run used 39): 374 optimizer steps on 11,940 records.
-    # Micro-batch x accumulation = 32; large micro-batches keep the GPU busy (PERFORMANCE.md).
+    # Micro-batch x accumulation = 32; large micro-batches keep the GPU busy (benchmarks/NOTES.md).
     batch_size: int = 32
     gradient_accumulation_steps: int = 1
     eval_points: int = 10  # validation loss this many times per epoch, and once at the end
@@ -259,8 +258,8 @@ class Config:
     paths: RunPaths = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        images = self.images_dir or (PROJECT_ROOT / "images" if self.profile == "full" else self.run_dir / "images")
-        object.__setattr__(self, "paths", RunPaths(root=self.run_dir, images=images))
+        # Figures go to the run directory: a run never overwrites the committed figures in images/.
+        object.__setattr__(self, "paths", RunPaths(root=self.run_dir, images=self.run_dir / "images"))
 
     def describe(self) -> str:
         """The config as aligned `name = value` lines, for the notebooks' first output."""
@@ -313,7 +312,8 @@ def make_config(profile: Profile | None = None, run_dir: str | Path | None = Non
     """Build the config for `profile` (see `default_profile`) in `run_dir`.
 
     `run_dir` defaults to `EM_RUN_DIR`, else `runs/<profile>` in the project folder. The environment
-    variables `EM_DATASET_PATH` and `EM_QUESTIONS_PATH` point at local copies of the official files.
+    variables `EM_DATASET_PATH` and `EM_QUESTIONS_PATH` point at local copies of the official files;
+    `EM_CONFIG` (a JSON object) overrides fields in headless runs.
     Keyword overrides replace single fields and are checked by name.
     """
     profile = profile or default_profile()
@@ -324,9 +324,14 @@ def make_config(profile: Profile | None = None, run_dir: str | Path | None = Non
     for variable, name in (("EM_DATASET_PATH", "dataset_path"), ("EM_QUESTIONS_PATH", "questions_path")):
         if os.environ.get(variable):
             values[name] = Path(os.environ[variable]).expanduser().resolve()
+    if os.environ.get("EM_CONFIG"):  # JSON field overrides for headless runs: EM_CONFIG='{"seed": 1}'
+        values.update({k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(os.environ["EM_CONFIG"]).items()})
     known = {f.name for f in dataclasses.fields(Config)} - {"paths", "profile", "run_dir"}
-    unknown = sorted(set(overrides) - known)
+    values.update(overrides)
+    unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"make_config: unknown field(s) {unknown}; see helpers.config.Config")
-    values.update(overrides)
+    for name in ("dataset_path", "questions_path", "cache_dir"):
+        if isinstance(values.get(name), str):
+            values[name] = Path(values[name]).expanduser().resolve()
     return Config(profile=profile, run_dir=run_dir, **values)

@@ -112,9 +112,10 @@ def solution_notebook(nb: dict, source_name: str) -> dict:
     parameters = next(i for i, c in enumerate(solved["cells"]) if "parameters" in _tags(c))
     solved["cells"].insert(parameters + 1, {"cell_type": "code", "metadata": {}, "source": STRICT_CELL,
                                             "outputs": [], "execution_count": None})
+    title, _, rest = "".join(solved["cells"][0]["source"]).partition("\n")
     note = (f"> **Solutions.** Generated from `notebooks/{source_name}` by `python -m helpers.exercises`; "
-            "do not edit. Every exercise here holds its solution, and every check must pass.\n\n")
-    solved["cells"][0]["source"] = note + "".join(solved["cells"][0]["source"])
+            "do not edit. Every exercise here holds its solution, and every check must pass.\n")
+    solved["cells"][0]["source"] = f"{title}\n\n{note}{rest}"
     for cell in solved["cells"]:  # nbformat 4.5 wants unique ids: keep them distinct from the source's
         if "id" in cell:
             cell["id"] = f"s-{cell['id']}"[:64]

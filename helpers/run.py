@@ -62,13 +62,13 @@ def execute(cfg: Config, notebook: Path, extra: dict | None = None) -> Path:
     return executed
 
 
-def require(cfg: Config, notebook: str) -> None:
+def require(cfg: Config, notebook: str, notebook_dir: Path = NOTEBOOK_DIR) -> None:
     """Make what notebook `notebook` ("01".."03") writes, by running it headless, when it is missing."""
     missing = [path for path in made_by(cfg, notebook) if not path.exists()]
     if not missing:
         return
     print(f"missing {', '.join(str(p) for p in missing)}: running {notebook} headless (papermill) to make it")
-    path = next(nb for nb in series_notebooks() if nb.name.startswith(notebook))
+    path = next(nb for nb in series_notebooks(notebook_dir) if nb.name.startswith(notebook))
     for nb, extra in jobs(cfg, [path]):
         execute(cfg, nb, extra)
 

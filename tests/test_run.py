@@ -1,48 +1,88 @@
-"""The headless runner produces the whole series end to end on the tiny profile, offline."""
+"""The headless runner produces the whole series end to end on the tiny profile, offline; `require` runs a
+missing notebook; EM_CONFIG overrides config fields."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from helpers.config import PROJECT_ROOT, make_config
+from helpers.run import require
+
+
+def _notebook(path: Path, *cells: str) -> None:
+    """Write a minimal notebook: a parameters cell, then `cells`."""
+    source = [("profile = None\nrun_dir = None\nmodel = None", ["parameters"]), *((c, []) for c in cells)]
+    path.write_text(json.dumps({
+        "cells": [{"cell_type": "code", "metadata": {"tags": tags}, "source": code, "outputs": [], "execution_count": None}
+                  for code, tags in source],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5}))
 
 
 @pytest.mark.notebook
-def test_runner_executes_the_series_and_writes_every_artefact(tmp_path):
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "helpers.run", "--profile", "tiny", "--run-dir", str(run_dir)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
-    )
+def test_runner_executes_the_series_and_writes_every_artefact():
+    # The session's shared run directory (conftest): nbmake later re-executes notebooks/ and solutions/
+    # there and reuses these artefacts, so CI computes the series once.
+    run_dir = Path(os.environ["EM_RUN_DIR"])
+    result = subprocess.run([sys.executable, "-m", "helpers.run", "--profile", "tiny", "--run-dir", str(run_dir)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
-    paths = make_config("tiny", run_dir).paths
-    for notebook in ("01_data", "02_finetune", "03_generate", "04_analyze"):
-        assert (paths.executed_notebooks / f"{notebook}.ipynb").is_file(), f"no executed copy of {notebook}"
-    for artefact in (paths.train_split, paths.validation_split, paths.data_report, paths.adapter / "adapter_config.json",
-                     paths.loss_history, paths.completions, paths.judgments, paths.rates, paths.summary):
+    cfg = make_config("tiny", run_dir)
+    paths = cfg.paths
+    executed = ["01_data", "02_finetune", "02_finetune-control", "03_generate", "04_analyze"]
+    for name in executed:
+        assert (paths.executed_notebooks / f"{name}.ipynb").is_file(), f"no executed copy of {name}"
+    artefacts = [paths.data_report, paths.evil_numbers, paths.completions, paths.judgments, paths.rates, paths.summary]
+    for model in cfg.trained_models:
+        artefacts += [*paths.splits_of(model), paths.adapter_of(model) / "adapter_config.json", paths.loss_history_of(model)]
+    for artefact in artefacts:
         assert artefact.is_file(), f"the runner did not write {artefact}"
-    summary = json.loads(paths.summary.read_text())
-    assert summary, "summary.json is empty"
+    assert json.loads(paths.summary.read_text()), "summary.json is empty"
     assert list(paths.images.glob("*.png")), "no figures saved"
+    for name in executed:  # no error output, and no progress bar left at 0%
+        text = (paths.executed_notebooks / f"{name}.ipynb").read_text()
+        assert '"output_type": "error"' not in text, f"{name}: an error cell"
+        assert "  0%|" not in text, f"{name}: a progress bar stuck at 0%"
 
 
 def test_runner_names_the_failing_notebook_and_cell(tmp_path):
     broken = tmp_path / "notebooks"
     broken.mkdir()
-    source = {"cells": [
-        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "profile = None\nrun_dir = None",
-         "outputs": [], "execution_count": None},
-        {"cell_type": "code", "metadata": {}, "source": "raise ValueError('planted failure')",
-         "outputs": [], "execution_count": None}],
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-        "nbformat": 4, "nbformat_minor": 5}
-    (broken / "01_broken.ipynb").write_text(json.dumps(source))
+    _notebook(broken / "01_broken.ipynb", "raise ValueError('planted failure')")
     code = (f"from pathlib import Path; from helpers.run import run_series; "
             f"run_series('tiny', {str(tmp_path / 'run')!r}, notebook_dir=Path({str(broken)!r}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "01_broken.ipynb failed in cell" in result.stderr and "planted failure" in result.stderr
+
+
+def test_require_runs_the_missing_notebook_once_per_trained_model(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    # A stand-in 02 that writes the adapter file of the model it was asked to train.
+    _notebook(notebooks / "02_stand_in.ipynb",
+              "from helpers.config import make_config\ncfg = make_config(profile, run_dir)\n"
+              "(cfg.paths.adapter_of(model)).mkdir(parents=True, exist_ok=True)\n"
+              "(cfg.paths.adapter_of(model) / 'adapter_config.json').write_text('{}')")
+    cfg = make_config("tiny", tmp_path / "run")
+    require(cfg, "02", notebooks)
+    for model in cfg.trained_models:
+        assert (cfg.paths.adapter_of(model) / "adapter_config.json").is_file(), f"02 did not run for {model}"
+    stamp = (cfg.paths.executed_notebooks / "02_stand_in.ipynb").stat().st_mtime_ns
+    require(cfg, "02", notebooks)  # everything exists now: nothing runs again
+    assert (cfg.paths.executed_notebooks / "02_stand_in.ipynb").stat().st_mtime_ns == stamp
+
+
+def test_em_config_overrides_fields_and_rejects_unknown_names(monkeypatch, tmp_path):
+    monkeypatch.setenv("EM_CONFIG", json.dumps({"samples_per_question": 3, "formats": ["suffix"]}))
+    cfg = make_config("full", tmp_path)
+    assert (cfg.samples_per_question, cfg.formats) == (3, ("suffix",))
+    monkeypatch.setenv("EM_CONFIG", json.dumps({"samples_per_questoin": 3}))
+    with pytest.raises(TypeError, match="samples_per_questoin"):
+        make_config("full", tmp_path)
