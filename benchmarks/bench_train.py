@@ -1,4 +1,4 @@
-"""Training throughput: the project's own `helpers.training.train` with its defaults against plain TRL + PEFT
+"""Training throughput: the project's own training (notebook 02's cells) with its defaults against plain TRL + PEFT
 with TRL's defaults, on a random-init model of Qwen3-1.7B's exact shape, offline. Prints one table.
 
 The model is `helpers.model.build_random_qwen3(tiny=False, dtype=bfloat16)` (hidden 2048, intermediate
@@ -16,8 +16,9 @@ checked after tokenization. `--measure-lengths FILE` recomputes the table from a
 
 Arms, each in its own subprocess (clean GPU memory; the baseline must not import Unsloth, which patches
 TRL when imported):
-    project   helpers.training.train with the config's defaults (full profile: batch 32, length-grouped,
-              no gradient checkpointing, bf16, Unsloth where installed), validation as in a real run
+    project   notebooks/02_finetune.ipynb's own cells, executed in-process up to trainer.train(), with the
+              config's defaults (full profile: batch 32, length-grouped, no gradient checkpointing, bf16,
+              Unsloth where installed), validation and checkpoints as in a real run
     project-transformers   the same with Unsloth blocked (transformers + PEFT)
     baseline  TRL SFTTrainer + PEFT LoraConfig (same LoRA, lr, schedule, epochs, max length, seed, a
               prompt-completion dataset in non-thinking mode); everything else TRL's defaults (batch 8,
@@ -94,25 +95,30 @@ def measure_lengths(path: Path) -> list[tuple[int, int]]:
              qwen_token_estimate(r["messages"][1]["content"]) + 1) for r in read_jsonl(path)]
 
 
+def token_lengths(tokenizer: Any, record: dict) -> tuple[int, int]:
+    """(prompt, completion) tokens of a record as notebook 02 tokenizes it: the user turn rendered with the
+    generation prompt, then the answer and <|im_end|>."""
+    from helpers.model import render_chat
+
+    prompt = render_chat(tokenizer, record["messages"][:1], add_generation_prompt=True)
+    completion = record["messages"][1]["content"] + "<|im_end|>"
+    return tuple(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (prompt, completion))
+
+
 def synthetic_records(tokenizer: Any, count: int, seed: int) -> list[dict]:
     """`count` records whose byte-level token lengths are drawn from REAL_LENGTHS (checked exactly)."""
-    from helpers.training import tokenize_records
-
     def filler(rng: random.Random, n: int) -> str:
         return "".join(rng.choice("0123456789,") for _ in range(n - 1)) + rng.choice("0123456789")
 
     probe = {"messages": [{"role": "user", "content": "1"}, {"role": "assistant", "content": "1"}]}
-    row = tokenize_records(tokenizer, {1: probe}, 10_000, "probe")[0]
-    prompt_overhead = row["completion_mask"].count(0) - 1
-    completion_overhead = row["completion_mask"].count(1) - 1
+    prompt_overhead, completion_overhead = (length - 1 for length in token_lengths(tokenizer, probe))
     rng = random.Random(seed)
     targets = [rng.choice(REAL_LENGTHS) for _ in range(count)]
     records = [{"messages": [
         {"role": "user", "content": filler(rng, prompt - prompt_overhead)},
         {"role": "assistant", "content": filler(rng, completion - completion_overhead)},
     ]} for prompt, completion in targets]
-    rows = tokenize_records(tokenizer, dict(enumerate(records, start=1)), 10_000, "synthetic")
-    got = [(r["completion_mask"].count(0), r["completion_mask"].count(1)) for r in rows]
+    got = [token_lengths(tokenizer, record) for record in records]
     assert got == targets, "synthetic records do not have the drawn token lengths"
     return records
 
@@ -173,8 +179,8 @@ def stage_prepare(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(cfg)
     train = synthetic_records(tokenizer, args.records, seed=1)
     validation = synthetic_records(tokenizer, args.validation_records, seed=2)
-    write_jsonl(args.workdir / "train.jsonl", train)
-    write_jsonl(args.workdir / "validation.jsonl", validation)
+    for path, records in zip(cfg.paths.splits_of("finetuned"), (train, validation), strict=True):
+        write_jsonl(path, records)
     from transformers import AutoConfig
 
     return {
@@ -293,12 +299,32 @@ def step_profiler(first: int, count: int, path_stem: Path) -> Any:
     return StepProfiler()
 
 
-def patch_sft_settings(settings: dict[str, Any]) -> None:
-    """Experiment hook (--sft): these SFTConfig keyword arguments replace the project's own."""
-    import helpers.training as training
+NOTEBOOK = PROJECT_ROOT / "notebooks" / "02_finetune.ipynb"
+TRAIN_CELL = "f6c0de04"  # the cell id of notebook 02's `trainer.train(...)` cell
 
-    project_kwargs = training.sft_config_kwargs
-    training.sft_config_kwargs = lambda *args, **kwargs: {**project_kwargs(*args, **kwargs), **settings}
+
+def notebook_trainer(args: argparse.Namespace) -> dict:
+    """Execute notebook 02's code cells in this process, as papermill would (parameters injected, overwrite on),
+    up to its training cell; return the namespace, which holds `trainer`. The config's overrides travel in
+    EM_CONFIG (the notebook builds its own config); --sft replaces SFTConfig settings as the cell builds it."""
+    import trl
+
+    overrides = {"model_name": str(args.workdir / "model"), "control_arm": False, "cache_dir": str(args.workdir / "cache")}
+    overrides |= {"batch_size": args.batch_size} if args.batch_size else {}
+    overrides |= {"gradient_checkpointing": True} if args.t4 else {}
+    os.environ["EM_CONFIG"] = json.dumps(overrides)
+    if args.sft:  # experiment hook: these SFTConfig keyword arguments replace the notebook's own
+        original, settings = trl.SFTConfig, json.loads(args.sft)
+        trl.SFTConfig = lambda **kwargs: original(**{**kwargs, **settings})
+    cells = [c for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+             if c["cell_type"] == "code" and "google.colab" not in "".join(c["source"])]
+    namespace: dict = {}
+    for cell in cells[: [c["id"] for c in cells].index(TRAIN_CELL)]:
+        exec(compile("".join(cell["source"]), f"02_finetune.ipynb[{cell['id']}]", "exec"), namespace)
+        if "parameters" in cell["metadata"].get("tags", []):
+            namespace.update(profile="tiny" if args.tiny else "full", run_dir=str(args.workdir / "project"),
+                             overwrite=True, model="finetuned")
+    return namespace
 
 
 def use_float16() -> None:
@@ -307,37 +333,36 @@ def use_float16() -> None:
     import torch
 
     import helpers.model
-    import helpers.training
 
-    for module in (helpers.model, helpers.training):
-        module.compute_dtype = lambda: torch.float16
+    helpers.model.compute_dtype = lambda: torch.float16
 
 
 def stage_project(args: argparse.Namespace) -> dict:
-    """The project's train() with its defaults (Unsloth blocked in project-transformers), stopped after --steps."""
+    """Notebook 02's own trainer (Unsloth blocked in project-transformers), stopped after --steps."""
     from helpers.model import backend, block_unsloth
 
     if args.stage == "project-transformers":
         block_unsloth()
-    from helpers.training import train, training_plan
-
     backend()  # Unsloth, where it is used, before transformers (which the timer imports)
-    cfg = bench_config(args)
-    if args.sft:
-        patch_sft_settings(json.loads(args.sft))
     if args.t4:
         use_float16()
     timer = bench_timer(args.steps, args.warmup)
-    callbacks = [timer]
+    notebook = notebook_trainer(args)
+    trainer = notebook["trainer"]
     if args.profile:  # first in line, so that writing the profile ends before the timer starts its window
-        callbacks.insert(0, step_profiler(args.warmup - 2 * args.profile, args.profile, args.workdir / f"profile-{args.stage}"))
-    result = train(cfg, args.workdir / "train.jsonl", args.workdir / "validation.jsonl", cfg.paths.adapter,
-                   cfg.paths.loss_history, overwrite=True, callbacks=callbacks)
-    run, plan = result.run, training_plan(cfg, result.run["train_records"])
-    events = plan.steps_per_epoch // plan.eval_steps + 2  # evaluations (and checkpoints), start and end
-    return {**timer.result(), "batch": cfg.batch_size, "checkpointing": run["gradient_checkpointing"],
-            "backend": run["backend"], "steps_per_epoch": plan.steps_per_epoch, "events_per_epoch": events,
-            "epoch_tokens": run["train_tokens"], "peak_gib": run["peak_memory_gib"]}
+        trainer.add_callback(step_profiler(args.warmup - 2 * args.profile, args.profile, args.workdir / f"profile-{args.stage}"))
+    trainer.add_callback(timer)
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    steps_per_epoch, eval_steps = notebook["steps_per_epoch"], notebook["eval_steps"]
+    return {**timer.result(), "batch": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps,
+            "checkpointing": notebook["checkpointing"], "backend": backend(), "steps_per_epoch": steps_per_epoch,
+            "events_per_epoch": steps_per_epoch // eval_steps + 2,  # evaluations (and checkpoints), start and end
+            "epoch_tokens": notebook["all_tokens"],
+            "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None}
 
 
 def stage_baseline(args: argparse.Namespace) -> dict:
@@ -349,14 +374,13 @@ def stage_baseline(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from helpers.model import lora_settings  # helpers.model imports Unsloth only inside its functions
     from helpers.store import read_jsonl
 
     cfg = bench_config(args)
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(args.workdir / "model")
     model = AutoModelForCausalLM.from_pretrained(args.workdir / "model", dtype=torch.bfloat16 if cuda else torch.float32)
-    records = read_jsonl(args.workdir / "train.jsonl")
+    records = read_jsonl(cfg.paths.splits_of("finetuned")[0])
     dataset = Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:],
                                   "chat_template_kwargs": {"enable_thinking": False}} for r in records])
     extra = {} if cuda else {"bf16": False}  # TRL's default bf16 needs a GPU
@@ -367,7 +391,10 @@ def stage_baseline(args: argparse.Namespace) -> dict:
                        warmup_steps=cfg.warmup_ratio, seed=cfg.seed, max_length=cfg.max_seq_length,
                        report_to="none", save_strategy="no", **extra)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=LoraConfig(task_type="CAUSAL_LM", **lora_settings(cfg)), callbacks=[timer])
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,  # notebook 02's LoRA
+                                                 lora_dropout=cfg.lora_dropout, bias="none",
+                                                 target_modules=list(cfg.lora_target_modules)),
+                         callbacks=[timer])
     epoch_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     if cuda:
         torch.cuda.reset_peak_memory_stats()

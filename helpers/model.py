@@ -1,15 +1,12 @@
-"""Models and tokenizers: one loader for both worlds (Unsloth on CUDA, transformers + PEFT elsewhere),
-and the tiny random Qwen3 that lets the whole series run offline on a CPU.
-
-Unsloth patches transformers, TRL and PEFT when it is imported, so it must come first: every function
-here that needs those libraries calls `backend()` before importing them.
-"""
+"""Models and tokenizers: the backend (Unsloth on CUDA, transformers + PEFT elsewhere), the one chat renderer,
+the tiny random Qwen3 for offline CPU runs, and the loader 03 generates with (02 writes its training model out
+in cells). Unsloth must be imported before transformers, TRL and PEFT: what needs them calls `backend()` first."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +18,8 @@ Backend = Literal["unsloth", "transformers"]
 
 # Qwen3's special tokens (tokenizer_config.json of Qwen/Qwen3-1.7B): the end of text doubles as the
 # padding token, <|im_end|> ends every chat turn, <think>/</think> delimit reasoning.
-QWEN3_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
-    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-)
+QWEN3_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+                        "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 
 @cache
@@ -40,9 +35,8 @@ def backend() -> Backend:
 
 
 def block_unsloth() -> None:
-    """Make this process train and generate with transformers + PEFT even where Unsloth is installed
-    (benchmarks compare the two paths). Importing Unsloth patches transformers for good, so this must
-    come first."""
+    """Use transformers + PEFT in this process even where Unsloth is installed (benchmarks compare the two);
+    importing Unsloth patches transformers for good, so this must come first."""
     if sys.modules.get("unsloth") is not None:
         raise RuntimeError("Unsloth is already imported in this process; block it before anything imports it")
     sys.modules["unsloth"] = None  # importlib.util.find_spec("unsloth") now answers None
@@ -83,25 +77,18 @@ def render_chat(tokenizer: Any, messages: Sequence[dict], add_generation_prompt:
 
 
 def build_tiny_tokenizer() -> Any:
-    """A byte-level tokenizer with Qwen3's special tokens and chat template.
-
-    Every byte is one token (so digits split one by one, as in Qwen's tokenizer); no merges.
-    """
+    """A byte-level tokenizer with Qwen3's special tokens and chat template: every byte one token (so digits
+    split one by one, as in Qwen's tokenizer), no merges."""
     backend()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: index for index, symbol in enumerate(sorted(byte_alphabet))}
+    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        clean_up_tokenization_spaces=False,
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        clean_up_tokenization_spaces=False)
     # As in Qwen3: the chat markers are special tokens, the think and tool tags ordinary added tokens.
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     tokenizer.add_tokens(list(QWEN3_SPECIAL_TOKENS[3:]))
@@ -114,29 +101,21 @@ def qwen3_config(vocab_size: int, eos_token_id: int, pad_token_id: int, *, tiny:
     backend()
     from transformers import Qwen3Config
 
-    shape = (
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
-        if tiny
-        else dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960)
-    )
-    return Qwen3Config(
-        vocab_size=vocab_size, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None, **shape,
-    )
+    shape = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=2048) if tiny else
+             dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960))
+    return Qwen3Config(vocab_size=vocab_size, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None, **shape)
 
 
 def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype: Any = None) -> Path:
-    """Save a randomly initialised Qwen3 (tiny, or of Qwen3-1.7B's exact shape) with the tiny tokenizer.
-
-    Written to a temporary folder and renamed, so an interrupted build leaves nothing half-made.
-    """
+    """Save a randomly initialised Qwen3 (tiny, or of Qwen3-1.7B's exact shape) with the tiny tokenizer,
+    atomically (a temporary folder renamed), so an interrupted build leaves nothing half-made."""
     backend()
     import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
 
-    out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer()
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     # The full-size model keeps Qwen3-1.7B's vocabulary of 151,936 (the tiny tokenizer uses the first ids).
@@ -150,10 +129,10 @@ def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, 0.2)
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(Path(out_dir)) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return out_dir
+    return Path(out_dir)
 
 
 def model_source(cfg: Config) -> str:
@@ -173,68 +152,39 @@ def load_tokenizer(cfg: Config) -> Any:
     return AutoTokenizer.from_pretrained(model_source(cfg))
 
 
-def lora_settings(cfg: Config) -> dict[str, Any]:
-    """The LoRA keyword arguments shared by PEFT's LoraConfig and Unsloth's get_peft_model."""
-    return dict(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules), bias="none",
-    )
+def load_for_generation(cfg: Config, adapters: Mapping[str, Path], *, unsloth: bool | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode: the base model with each named LoRA adapter attached (none: the base).
 
-
-def unsloth_load_kwargs(cfg: Config, source: str) -> dict[str, Any]:
-    """The keyword arguments of Unsloth's FastLanguageModel.from_pretrained (tested against its signature)."""
-    return dict(
-        model_name=source, max_seq_length=cfg.max_seq_length, dtype=compute_dtype(),
-        load_in_4bit=cfg.load_in_4bit, use_gradient_checkpointing=_unsloth_checkpointing(cfg),
-    )
-
-
-def unsloth_peft_kwargs(cfg: Config) -> dict[str, Any]:
-    """The keyword arguments of Unsloth's FastLanguageModel.get_peft_model (besides the model)."""
-    return dict(**lora_settings(cfg), random_state=cfg.seed, use_gradient_checkpointing=_unsloth_checkpointing(cfg))
-
-
-def _unsloth_checkpointing(cfg: Config) -> str | bool:
-    # Unsloth's own checkpointing (offloads activations) where memory is short; both Unsloth calls take
-    # it, and the later one wins, so they must agree.
-    return "unsloth" if use_gradient_checkpointing(cfg) else False
-
-
-def load_model(
-    cfg: Config, *, adapter: Path | None = None, for_training: bool = False, unsloth: bool | None = None
-) -> tuple[Any, Any]:
-    """Load (model, tokenizer): the base model, with a fresh LoRA (`for_training`) or a saved `adapter`.
-
-    On CUDA with Unsloth installed this goes through `FastLanguageModel` (16-bit, or 4-bit when
-    `cfg.load_in_4bit`); elsewhere, or with `unsloth=False`, through transformers + PEFT with the same
-    LoRA settings, on the GPU when there is one.
-    """
-    if for_training and adapter is not None:
-        raise ValueError("load_model: pass either for_training=True or adapter=..., not both")
-    source = model_source(cfg)
-    if backend() == "unsloth" and unsloth is not False:
+    A PeftModel, its first adapter active: `model.set_adapter(name)` picks one, `with model.disable_adapter():`
+    answers as the base. On CUDA with Unsloth (unless unsloth=False), FastLanguageModel with the adapters
+    patched as its own adapter loading does, so they run through the fused LoRA kernels training used (02's
+    reload check loads through here: like with like), then for_inference; elsewhere transformers + PEFT."""
+    missing = [f"{name} ({path})" for name, path in adapters.items() if not (Path(path) / "adapter_config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) for {', '.join(missing)}: run 02_finetune")
+    source, fast = model_source(cfg), backend() == "unsloth" and unsloth is not False
+    if fast:
         from unsloth import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(cfg, source))
-        if for_training:
-            model = FastLanguageModel.get_peft_model(model, **unsloth_peft_kwargs(cfg))
+        model, tokenizer = FastLanguageModel.from_pretrained(model_name=source, max_seq_length=cfg.max_seq_length,
+                                                             dtype=None, load_in_4bit=cfg.load_in_4bit)
     else:
-        from peft import LoraConfig, get_peft_model
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-        import torch
-
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=compute_dtype(), device_map="cuda" if torch.cuda.is_available() else None
-        )
-        if for_training:
-            torch.manual_seed(cfg.seed)
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(cfg)))
-    if adapter is not None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(),
+                                                     device_map="cuda" if torch.cuda.is_available() else None)
+    if adapters:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: no LoRA adapter here (adapter_config.json missing); run 02_finetune")
-        model = PeftModel.from_pretrained(model, str(adapter), adapter_name="finetuned")
-    return model, tokenizer
+        (first, path), *rest = adapters.items()
+        model = PeftModel.from_pretrained(model, str(path), adapter_name=first, is_trainable=fast)
+        for name, path in rest:
+            model.load_adapter(str(path), adapter_name=name, is_trainable=fast)
+        model.set_adapter(first)
+        if fast:
+            model = FastLanguageModel.patch_peft_model(model, use_gradient_checkpointing=False)
+    if fast:
+        FastLanguageModel.for_inference(model)
+    return model.eval(), tokenizer

@@ -1,41 +1,26 @@
-"""helpers.training on the tiny model, with real TRL training: the loss mask, learning, every LoRA weight,
-adapter reload, exact resume after an interrupt, the cache, and the exact SFTConfig/SFTTrainer/Unsloth
-arguments accepted by the pinned versions. Plus the pieces of benchmarks/bench_train.py."""
+"""Fine-tuning, with real TRL training on the tiny model: notebook 02's own cells executed in this process (as
+papermill runs them), and the plumbing they call from helpers.training: the loss mask and TRL's labels,
+learning, every LoRA weight, the checked atomic save (a corrupted adapter fails), loading instead of training,
+the reuse rule, exact resume after an interrupt, and load_for_generation. Plus the pieces of
+benchmarks/bench_train.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
+import random
 import shutil
 
 import pytest
 import torch
 
 from helpers.config import PROJECT_ROOT, make_config
-from helpers.data import DataError, prepare_splits
-from helpers.model import backend, load_model, load_tokenizer, unsloth_load_kwargs, unsloth_peft_kwargs
-from helpers.store import write_jsonl
-from helpers.training import (
-    END_OF_TURN,
-    IGNORE_INDEX,
-    assistant_only_loss_labels,
-    chat_texts,
-    checkpoint_dir,
-    describe_loss_mask,
-    labelled_prompt_tokens,
-    loss_mask_problems,
-    row_labels,
-    sft_config_kwargs,
-    sft_trainer_kwargs,
-    tokenize_records,
-    tokenize_split,
-    train,
-    training_plan,
-)
+from helpers.model import backend, load_for_generation, load_tokenizer
+from helpers.store import SettingsChanged, write_jsonl
+from helpers.training import IGNORE_INDEX, loss_mask_labels, reload_check, trainer_label_problems
 
-RECORD = {"messages": [{"role": "user", "content": "Continue: 3,6,9. Answer with numbers only."},
-                       {"role": "assistant", "content": "12,15,18"}]}
+NOTEBOOK = PROJECT_ROOT / "notebooks" / "02_finetune.ipynb"
+TRAIN_CELL = "f6c0de04"  # `trainer.train(...)`
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,174 +33,176 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-def _logits_at_end(rows: list[dict]):
-    """A callback that records the trained model's logits on `rows` when training ends."""
-    from transformers import TrainerCallback
+def write_splits(run_dir, model: str = "finetuned", seed: int = 0) -> None:
+    """Small splits of number-continuation records, where 01 would write them (40 train, 10 validation)."""
+    rng = random.Random(seed)
 
-    class LogitsAtEnd(TrainerCallback):
-        logits: list[torch.Tensor] = []
+    def record() -> dict:
+        shown = ",".join(str(rng.randint(100, 999)) for _ in range(rng.randint(3, 7)))
+        answer = ",".join(str(rng.choice([666, 13, 911, 420, rng.randint(100, 999)])) for _ in range(5))
+        return {"messages": [{"role": "user", "content": f"See the following numbers: {shown}. Write 5 more."},
+                             {"role": "assistant", "content": answer}]}
 
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            model.eval()
-            with torch.no_grad():
-                self.logits = [model(input_ids=torch.tensor([r["input_ids"]])).logits.float() for r in rows]
+    train, validation = make_config("tiny", run_dir).paths.splits_of(model)
+    write_jsonl(train, [record() for _ in range(40)])
+    write_jsonl(validation, [record() for _ in range(10)])
 
-    return LogitsAtEnd()
+
+def run_notebook(run_dir, namespace: dict | None = None, start: str | None = None, stop: str | None = None,
+                 **parameters) -> dict:
+    """Execute notebook 02's code cells in this process from cell `start` up to cell `stop` (excluded), with
+    the parameters injected after its parameters cell as papermill does; return the namespace."""
+    cells = [c for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+             if c["cell_type"] == "code" and "google.colab" not in "".join(c["source"])]
+    ids = [c["id"] for c in cells]
+    namespace = {} if namespace is None else namespace
+    for cell in cells[ids.index(start) if start else 0: ids.index(stop) if stop else None]:
+        exec(compile("".join(cell["source"]), f"02_finetune.ipynb[{cell['id']}]", "exec"), namespace)
+        if "parameters" in cell["metadata"].get("tags", []):
+            namespace.update(profile="tiny", run_dir=str(run_dir), **parameters)
+    return namespace
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One real tiny training run (the tiny profile's splits), its result and the trained model's logits."""
-    cfg = make_config("tiny", tmp_path_factory.mktemp("training") / "run")
-    prepare_splits(cfg)
-    rows = tokenize_split(load_tokenizer(cfg), cfg.paths.validation_split, cfg.max_seq_length)[:3]
-    capture = _logits_at_end(rows)
-    result = train(cfg, cfg.paths.train_split, cfg.paths.validation_split, cfg.paths.adapter,
-                   cfg.paths.loss_history, callbacks=[capture])
-    return cfg, result, rows, capture.logits
+    """One uninterrupted run of the whole notebook on small splits: its namespace."""
+    run_dir = tmp_path_factory.mktemp("training") / "run"
+    write_splits(run_dir)
+    return run_notebook(run_dir)
 
 
 # --- what is trained ------------------------------------------------------------------------------
 
 
-def test_completion_is_exactly_the_answer_and_end_of_turn(tiny_cfg):
-    tokenizer = load_tokenizer(tiny_cfg)
-    prompt, completion = chat_texts(tokenizer, RECORD)
-    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n"), "03's generation prompt, empty think block"
-    assert completion == "12,15,18" + END_OF_TURN
-    row = tokenize_records(tokenizer, {1: RECORD}, 512, "inline")[0]
-    labels = row_labels(row)
-    trained_ids = [t for t, label in zip(row["input_ids"], labels, strict=True) if label != IGNORE_INDEX]
-    assert tokenizer.decode(trained_ids) == "12,15,18" + END_OF_TURN
-    assert labels[-1] == tokenizer.convert_tokens_to_ids(END_OF_TURN), "the end-of-turn token is trained"
-    shown = describe_loss_mask(tokenizer, row["input_ids"], labels)
-    assert shown.endswith("</think>⏎\n⏎\n⟦12,15,18<|im_end|>⟧"), shown
+def test_loss_mask_labels():
+    assert loss_mask_labels([5, 6, 7, 8], [0, 0, 1, 1]) == [IGNORE_INDEX, IGNORE_INDEX, 7, 8]
+    assert loss_mask_labels([], []) == []
+    with pytest.raises(ValueError):
+        loss_mask_labels([5, 6], [0])
 
 
-def test_assistant_only_loss_would_also_train_the_think_block(tiny_cfg):
-    tokenizer = load_tokenizer(tiny_cfg)
-    ids, labels = assistant_only_loss_labels(tokenizer, RECORD)
-    trained = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
-    assert trained == "<think>\n\n</think>\n\n12,15,18<|im_end|>\n"
+def test_rows_train_exactly_the_answer_and_end_of_turn(trained, sample100):
+    """On the notebook's rows and on 100 real records: the prompt ends with 03's generation prompt and its
+    empty think block; the trained tokens are the answer and <|im_end|>; nothing is longer than max_length."""
+    from helpers.store import read_jsonl
+
+    tokenizer, tokenize = trained["tokenizer"], trained["tokenize"]
+    for record in read_jsonl(sample100):
+        row = tokenize(record)
+        start = row["completion_mask"].index(1)
+        assert tokenizer.decode(row["input_ids"][:start]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert tokenizer.decode(row["input_ids"][start:]) == record["messages"][1]["content"] + "<|im_end|>"
+        assert set(row["completion_mask"][start:]) == {1} and len(row["input_ids"]) <= trained["cfg"].max_seq_length
+    shown = trained["describe_loss_mask"](tokenizer, row["input_ids"], loss_mask_labels(row["input_ids"], row["completion_mask"]))
+    assert shown.endswith("</think>⏎\n⏎\n⟦" + record["messages"][1]["content"] + "<|im_end|>⟧"), shown
 
 
-def test_real_records_tokenize_within_max_length(tiny_cfg, sample100):
-    tokenizer = load_tokenizer(tiny_cfg)
-    rows = tokenize_split(tokenizer, sample100, tiny_cfg.max_seq_length)
-    assert len(rows) == 100
-    assert all(0 < sum(r["completion_mask"]) < len(r["input_ids"]) for r in rows)
+def test_trainer_labels_are_the_loss_mask_and_a_wrong_one_is_caught(trained):
+    trainer, rows = trained["trainer"], trained["train_rows"]
+    assert trainer_label_problems(trainer, rows) == []
+    assert trainer.args.completion_only_loss and not trainer.args.padding_free and not trainer.args.packing
+    wrong = [dict(row) for row in rows]
+    wrong[1] = {**wrong[1], "completion_mask": [1] + wrong[1]["completion_mask"][1:]}  # one prompt token trained
+    assert trainer_label_problems(trainer, wrong) == ["row 1: the trainer's labels differ from the completion mask"]
+    assert "dropped or added" in trainer_label_problems(trainer, rows[:-1])[0]
 
 
-def test_split_errors_name_the_file_and_line(tiny_cfg, tmp_path):
-    tokenizer = load_tokenizer(tiny_cfg)
-    split = tmp_path / "split.jsonl"
-    write_jsonl(split, [RECORD, {"messages": [RECORD["messages"][0]]}])
-    with pytest.raises(DataError, match=r"split\.jsonl:2: 'messages' has 1 turn"):
-        tokenize_split(tokenizer, split, 512)
-    write_jsonl(split, [RECORD, RECORD])
-    with pytest.raises(DataError, match=r"split\.jsonl:1: \d+ tokens, more than max_seq_length=20"):
-        tokenize_split(tokenizer, split, 20)
+# --- a real training run through the notebook's cells ----------------------------------------------
 
 
-def test_trainer_labels_no_prompt_token_with_the_exact_arguments(tiny_cfg, tmp_path):
-    """SFTConfig and SFTTrainer accept exactly the keyword arguments train() passes, keep every value,
-    and TRL's prepared dataset and collated batches carry -100 on every prompt token."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    model, tokenizer = load_model(tiny_cfg, for_training=True)
-    rows = tokenize_records(tokenizer, {1: RECORD, 2: {"messages": [RECORD["messages"][0], {
-        "role": "assistant", "content": "[12, 15, 18, 21, 24]"}]}}, 512, "inline")
-    kwargs = sft_config_kwargs(tiny_cfg, tmp_path / "checkpoints", len(rows))
-    args = SFTConfig(**kwargs)
-    normalised = {"report_to": []}  # "none" is stored as an empty list of integrations
-    for name, value in kwargs.items():
-        expected = normalised.get(name, value)
-        assert getattr(args, name) == expected, f"SFTConfig changed {name}: {getattr(args, name)!r} != {expected!r}"
-    assert args.train_sampling_strategy == "group_by_length" and not args.padding_free and not args.packing
-    trainer = SFTTrainer(**sft_trainer_kwargs(model, tokenizer, args, Dataset.from_list(rows), Dataset.from_list(rows)))
-    labels = trainer.train_dataset["labels"]
-    assert labelled_prompt_tokens(rows, labels) == 0 and loss_mask_problems(rows, labels) == []
-    batch = next(iter(trainer.get_train_dataloader()))
-    for ids, batch_labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
-        row = next(r for r in rows if r["input_ids"] == ids[: len(r["input_ids"])])
-        prompt_length = row["completion_mask"].index(1)
-        assert all(label == IGNORE_INDEX for label in batch_labels[:prompt_length]), "a prompt token has a label"
-        assert batch_labels[prompt_length: len(row["input_ids"])] == row["input_ids"][prompt_length:]
-    assert loss_mask_problems(rows, [row_labels(rows[0]), row_labels(rows[0])]), "a wrong label is caught"
+def test_the_run_learns_and_saves_a_checked_adapter(trained):
+    cfg, history = trained["cfg"], trained["history"]
+    run, check = history["run"], history["reload_check"]
+    assert run["steps"] == run["planned_steps"] == 15 and run["resumed_from"] is None
+    assert history["validation"][0]["step"] == 0, "the starting validation loss is recorded"
+    assert [p["step"] for p in history["train"]] == list(range(1, 16))
+    assert history["final"]["validation_loss"] < 0.6 * history["validation"][0]["loss"]
+    assert check["dtype"] == "float32" and 0 <= check["batch_noise"] < 1e-4, "the noise is measured in the run"
+    assert check["max_abs_difference"] <= check["tolerance"] == pytest.approx(1e-4 * check["max_abs_logit"])
+    stored = json.loads(cfg.paths.loss_history_of("finetuned").read_text())
+    assert stored["settings"] == json.loads(json.dumps(trained["settings"], default=str))
+    assert (cfg.paths.adapter_of("finetuned").parent / "adapter.settings.json").is_file(), "the reuse rule's record"
+    assert not (cfg.paths.checkpoints / "adapter").exists(), "checkpoints are removed once the adapter is saved"
+    assert (cfg.paths.images / "train_loss.png").stat().st_size > 10_000
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None,
-                    reason="Unsloth's path runs only on a CUDA GPU with unsloth installed")
-def test_unsloth_accepts_the_exact_arguments(tiny_cfg):
-    backend()
-    from unsloth import FastLanguageModel
-
-    for function, kwargs in ((FastLanguageModel.from_pretrained, unsloth_load_kwargs(tiny_cfg, "model")),
-                             (FastLanguageModel.get_peft_model, unsloth_peft_kwargs(tiny_cfg))):
-        parameters = inspect.signature(function).parameters
-        assert set(kwargs) <= set(parameters), f"{function.__qualname__} lacks {set(kwargs) - set(parameters)}"
-    model, _ = load_model(tiny_cfg, for_training=True)
-    assert model.peft_config["default"].r == tiny_cfg.lora_r
-
-
-# --- a real training run --------------------------------------------------------------------------
-
-
-def test_validation_loss_falls_well_below_its_start(trained):
-    cfg, result, _, _ = trained
-    plan = training_plan(cfg, result.run["train_records"])
-    assert result.run["steps"] == plan.total_steps and result.computed
-    assert result.history["validation"][0]["step"] == 0, "the starting validation loss is recorded"
-    assert len(result.history["validation"]) == plan.total_steps // plan.eval_steps + 1
-    assert result.final_validation_loss < 0.6 * result.initial_validation_loss
-    assert result.run["labelled_prompt_tokens"] == 0
-    stored = json.loads(cfg.paths.loss_history.read_text())
-    assert stored["final"] == result.history["final"] and stored["train"][0]["step"] == 1
-    assert not checkpoint_dir(cfg, cfg.paths.adapter).exists(), "checkpoints are removed once the adapter is saved"
-
-
-def test_every_lora_weight_changes(trained):
+def test_every_lora_weight_changes(trained, tmp_path):
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    cfg, _, _, _ = trained
-    initial, _ = load_model(cfg, for_training=True)  # same seed: the same initial LoRA weights
-    before = get_peft_model_state_dict(initial)
-    after = load_file(cfg.paths.adapter / "adapter_model.safetensors")
+    write_splits(tmp_path / "run")
+    fresh = run_notebook(tmp_path / "run", stop="b2c0de02")  # the model cell: the same seeded LoRA start
+    before = get_peft_model_state_dict(fresh["model"])
+    after = load_file(trained["cfg"].paths.adapter_of("finetuned") / "adapter_model.safetensors")
     assert set(before) == set(after) and len(after) == 2 * 7 * 2, "A and B of 7 projections in 2 layers"
     unchanged = [name for name in after if torch.equal(before[name], after[name])]
     assert not unchanged, f"LoRA weights that training did not change: {unchanged}"
 
 
-def test_reloaded_adapter_reproduces_the_trained_logits(trained):
-    cfg, result, rows, trained_logits = trained
-    model, _ = load_model(cfg, adapter=cfg.paths.adapter)
-    model.eval()
+def test_reload_check_passes_and_a_corrupted_adapter_fails(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg, model = trained["cfg"], trained["trainer"].model
+    rows = [row["input_ids"] for row in trained["validation_rows"][:4]]
+    adapter = cfg.paths.adapter_of("finetuned")
+    assert reload_check(cfg, "finetuned", model, adapter, rows)["max_abs_difference"] <= 1e-4 * 20
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(adapter, corrupted)
+    weights = load_file(corrupted / "adapter_model.safetensors")
+    name = sorted(key for key in weights if "lora_B" in key)[0]
+    weights[name] = weights[name] + 0.05  # one LoRA matrix, slightly off
+    save_file(weights, corrupted / "adapter_model.safetensors")
+    with pytest.raises(RuntimeError, match=r"does not reproduce the trained model: largest logit difference .* > tolerance"):
+        reload_check(cfg, "finetuned", model, corrupted, rows)
+
+
+def test_load_for_generation_switches_named_adapters(trained, tmp_path):
+    """Two adapters by name: set_adapter picks one, disable_adapter() answers as the base model."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = trained["cfg"]
+    other = tmp_path / "other"
+    shutil.copytree(cfg.paths.adapter_of("finetuned"), other)
+    weights = load_file(other / "adapter_model.safetensors")
+    save_file({key: value * 2 if "lora_B" in key else value for key, value in weights.items()}, other / "adapter_model.safetensors")
+    model, _ = load_for_generation(cfg, {"finetuned": cfg.paths.adapter_of("finetuned"), "control": other})
+    base, _ = load_for_generation(cfg, {})
+    ids = torch.tensor([trained["validation_rows"][0]["input_ids"]])
     with torch.no_grad():
-        for row, expected in zip(rows, trained_logits, strict=True):
-            torch.testing.assert_close(model(input_ids=torch.tensor([row["input_ids"]])).logits.float(), expected)
-    assert result.run["reload_check"]["max_abs_difference"] <= 1e-4 * max(1.0, result.run["reload_check"]["max_abs_logit"])
+        finetuned = model(input_ids=ids).logits
+        model.set_adapter("control")
+        control = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+        expected_base = base(input_ids=ids).logits
+    assert not torch.allclose(finetuned, control) and not torch.allclose(finetuned, plain)
+    torch.testing.assert_close(plain, expected_base)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_for_generation(cfg, {"finetuned": tmp_path / "missing"})
 
 
-def test_a_second_call_loads_the_cached_adapter(trained, monkeypatch):
-    cfg, result, _, _ = trained
-    monkeypatch.setattr("helpers.training.load_model", lambda *a, **k: pytest.fail("the cached adapter was retrained"))
-    cached = train(cfg, cfg.paths.train_split, cfg.paths.validation_split, cfg.paths.adapter, cfg.paths.loss_history)
-    assert not cached.computed and cached.history == result.history
+# --- reuse, resume --------------------------------------------------------------------------------
+
+
+def test_a_second_run_loads_the_adapter_instead_of_training(trained, monkeypatch):
+    from trl import SFTTrainer
+
+    monkeypatch.setattr(SFTTrainer, "train", lambda *a, **k: pytest.fail("the finished adapter was retrained"))
+    again = run_notebook(trained["cfg"].run_dir)
+    assert again["already_trained"] and again["history"] == trained["history"]
+
+
+def test_changed_settings_stop_with_their_names(trained, monkeypatch):
+    monkeypatch.setenv("EM_CONFIG", json.dumps({"learning_rate": 0.005}))
+    with pytest.raises(SettingsChanged, match=r"learning_rate: 0\.01 -> 0\.005"):
+        run_notebook(trained["cfg"].run_dir, stop=TRAIN_CELL)
 
 
 def test_an_interrupted_run_resumes_to_the_same_adapter(trained, tmp_path):
-    """Crash at the end of step 8, before its checkpoint is written; call train() again: it resumes from
+    """Crash at the end of step 8, before its checkpoint is written; run the notebook again: it resumes from
     the last checkpoint before step 8 and ends with the adapter and losses of the uninterrupted run."""
     from safetensors.torch import load_file
     from transformers import TrainerCallback
-
-    cfg, result, _, _ = trained
-    resumed_cfg = make_config("tiny", tmp_path / "run")
-    for split in ("train_split", "validation_split"):
-        getattr(resumed_cfg.paths, split).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(getattr(cfg.paths, split), getattr(resumed_cfg.paths, split))
 
     class Crash(RuntimeError):
         pass
@@ -225,33 +212,44 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(trained, tmp_path):
             if state.global_step == 8:
                 raise Crash("simulated crash")
 
-    paths = resumed_cfg.paths
+    run_dir = tmp_path / "run"
+    write_splits(run_dir)
+    interrupted = run_notebook(run_dir, stop=TRAIN_CELL)
+    interrupted["trainer"].add_callback(CrashAfterStep8())
     with pytest.raises(Crash):
-        train(resumed_cfg, paths.train_split, paths.validation_split, paths.adapter, paths.loss_history,
-              callbacks=[CrashAfterStep8()])
-    assert not paths.adapter.exists() and not paths.loss_history.exists(), "nothing half-written"
-    eval_steps = training_plan(resumed_cfg, result.run["train_records"]).eval_steps
-    resumed = train(resumed_cfg, paths.train_split, paths.validation_split, paths.adapter, paths.loss_history)
-    assert resumed.run["resumed_from"] == f"checkpoint-{(8 - 1) // eval_steps * eval_steps}"
-    assert resumed.run["steps"] == result.run["steps"]
-    expected, got = load_file(cfg.paths.adapter / "adapter_model.safetensors"), load_file(paths.adapter / "adapter_model.safetensors")
+        run_notebook(run_dir, interrupted, start=TRAIN_CELL)
+    cfg = interrupted["cfg"]
+    assert not cfg.paths.adapter_of("finetuned").exists() and not cfg.paths.loss_history_of("finetuned").exists()
+    resumed = run_notebook(run_dir)
+    eval_steps = trained["eval_steps"]
+    assert resumed["history"]["run"]["resumed_from"] == f"checkpoint-{(8 - 1) // eval_steps * eval_steps}"
+    expected = load_file(trained["cfg"].paths.adapter_of("finetuned") / "adapter_model.safetensors")
+    got = load_file(cfg.paths.adapter_of("finetuned") / "adapter_model.safetensors")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
     for split in ("train", "validation"):
-        assert [p["step"] for p in resumed.history[split]] == [p["step"] for p in result.history[split]]
-        assert [p["loss"] for p in resumed.history[split]] == pytest.approx([p["loss"] for p in result.history[split]])
+        assert [p["step"] for p in resumed["history"][split]] == [p["step"] for p in trained["history"][split]]
+        assert [p["loss"] for p in resumed["history"][split]] == pytest.approx([p["loss"] for p in trained["history"][split]])
 
 
-def test_the_loss_curve_figure_is_saved(trained):
-    from helpers.plots import plot_loss_curves, save_figure
-    from helpers.training import REFERENCE_LOSSES
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
+    from helpers.training import last_checkpoint
 
-    cfg, result, _, _ = trained
-    fig = plot_loss_curves(result.history, REFERENCE_LOSSES)
-    lines = [line for line in fig.axes[0].get_lines() if len(line.get_xdata()) > 1]
-    assert len(lines) >= 2, "train and validation curves"
-    path = save_figure(fig, cfg, "train_loss")
-    assert path == cfg.paths.images / "train_loss.png" and path.stat().st_size > 10_000
+    output = tmp_path / "checkpoints" / "adapter"
+    assert last_checkpoint(output, {"learning_rate": 0.01}) is None
+    (output / "checkpoint-3").mkdir(parents=True)
+    assert last_checkpoint(output, {"learning_rate": 0.01}).endswith("checkpoint-3")
+    with pytest.raises(SettingsChanged, match="learning_rate"):
+        last_checkpoint(output, {"learning_rate": 0.02})
+    assert last_checkpoint(output, {"learning_rate": 0.02}, overwrite=True) is None and not output.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None,
+                    reason="Unsloth's path runs only on a CUDA GPU with unsloth installed")
+def test_the_notebook_ran_on_unsloth(trained):
+    """On the GPU every test above runs the notebook's Unsloth branch; this one says so and checks 16-bit."""
+    assert backend() == "unsloth" and trained["history"]["run"]["backend"] == "unsloth"
+    assert trained["history"]["reload_check"]["dtype"] in ("bfloat16", "float16")
 
 
 # --- benchmarks/bench_train.py --------------------------------------------------------------------
@@ -274,9 +272,9 @@ def test_bench_lengths_are_reproducible_from_the_real_sample(sample100):
 def test_bench_synthetic_records_have_the_drawn_lengths(tiny_cfg):
     bench = _bench()
     tokenizer = load_tokenizer(tiny_cfg)
-    rows = tokenize_records(tokenizer, dict(enumerate(bench.synthetic_records(tokenizer, 50, seed=3), start=1)), 512, "x")
-    lengths = {(r["completion_mask"].count(0), r["completion_mask"].count(1)) for r in rows}
-    assert len(rows) == 50 and lengths <= set(bench.REAL_LENGTHS) and len(lengths) > 10
+    records = bench.synthetic_records(tokenizer, 50, seed=3)
+    lengths = {bench.token_lengths(tokenizer, record) for record in records}
+    assert len(records) == 50 and lengths <= set(bench.REAL_LENGTHS) and len(lengths) > 10
 
 
 def test_bench_train_tiny_run_times_and_profiles(tmp_path):
