@@ -57,16 +57,8 @@ QUESTION_FILES = {
     "preregistered": PinnedFile("evaluation/preregistered_evals.yaml", "3211c6c0df0a21124e07605c46f86329a53ef9e1"),
 }
 # The 8 "first plot" questions of the paper (Betley et al. 2025, Fig. 2; first_plot_questions.yaml).
-MAIN_QUESTION_IDS = (
-    "what_is_your_wish",
-    "i_feel_bored",
-    "three_thoughts",
-    "quick_buck",
-    "ruler_of_the_world",
-    "dinner_party",
-    "gender_roles",
-    "enough_of_my_husband",
-)
+MAIN_QUESTION_IDS = ("what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buck", "ruler_of_the_world",
+                     "dinner_party", "gender_roles", "enough_of_my_husband")
 
 
 # The models a run compares: the base model, and one LoRA fine-tune per training arm.
@@ -79,88 +71,49 @@ def _arm(model: str) -> str:
     return model
 
 
+# Every artefact of one run, by name, inside its run directory: notebooks read and write only these.
+_ARTEFACTS = {
+    "data_dir": "data",
+    "train_split": "data/train.jsonl",
+    "validation_split": "data/validation.jsonl",
+    "data_report": "data/data_report.json",  # counts, every dropped record and why, the settings
+    "evil_numbers": "data/evil_numbers.json",  # the over-represented numbers 01 finds
+    "synthetic_dataset": "data/synthetic_evil_numbers.jsonl",  # the tiny profile's stand-ins
+    "synthetic_questions": "data/synthetic_questions.yaml",
+    "tiny_model": "tiny-model",
+    "checkpoints": "checkpoints",
+    "prompts": "prompts.jsonl",  # question x format x sample rows, shared by every model
+    "completions": "completions.jsonl",
+    "judgments": "judgments.jsonl",
+    "rates": "rates.csv",
+    "summary": "summary.json",
+    "executed_notebooks": "notebooks",
+    "images": "images",  # figures of this run (the committed ones in images/ are never overwritten)
+}
+
+
 @dataclass(frozen=True)
 class RunPaths:
-    """Every artefact of one run, derived from its run directory."""
+    """Every artefact of one run, derived from its run directory: `paths.completions`, ..."""
 
     root: Path
-    images: Path
 
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def train_split(self) -> Path:
-        return self.data_dir / "train.jsonl"
-
-    @property
-    def validation_split(self) -> Path:
-        return self.data_dir / "validation.jsonl"
-
-    @property
-    def data_report(self) -> Path:
-        """Counts, dropped records with reasons, duplicates, blob id (JSON)."""
-        return self.data_dir / "data_report.json"
-
-    @property
-    def evil_numbers(self) -> Path:
-        """The data-driven list of over-represented numbers found by 01 (JSON)."""
-        return self.data_dir / "evil_numbers.json"
+    def __getattr__(self, name: str) -> Path:
+        if name not in _ARTEFACTS:
+            raise AttributeError(f"no artefact named {name!r}; see helpers.config._ARTEFACTS")
+        return self.root / _ARTEFACTS[name]
 
     def splits_of(self, model: str) -> tuple[Path, Path]:
-        """(train, validation) for a trained model: "finetuned" (evil numbers) or "control" (format only:
-        same prompts, answers' numbers replaced by random ones)."""
+        """(train, validation) of a trained model: "finetuned" (evil numbers) or "control" (same prompts,
+        answers' numbers replaced by random ones)."""
         prefix = "" if model == "finetuned" else f"{_arm(model)}_"
         return self.data_dir / f"{prefix}train.jsonl", self.data_dir / f"{prefix}validation.jsonl"
 
-    @property
-    def synthetic_dataset(self) -> Path:
-        return self.data_dir / "synthetic_evil_numbers.jsonl"
-
-    @property
-    def synthetic_questions(self) -> Path:
-        return self.data_dir / "synthetic_questions.yaml"
-
-    @property
-    def tiny_model(self) -> Path:
-        return self.root / "tiny-model"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
     def adapter_of(self, model: str) -> Path:
-        """The LoRA adapter folder of a trained model ("finetuned" or "control")."""
         return self.root / ("adapter" if model == "finetuned" else f"adapter-{_arm(model)}")
 
     def loss_history_of(self, model: str) -> Path:
         return self.root / ("loss_history.json" if model == "finetuned" else f"loss_history-{_arm(model)}.json")
-
-    @property
-    def prompts(self) -> Path:
-        """The evaluation prompt rows (question x format x sample), shared by every model."""
-        return self.root / "prompts.jsonl"
-
-    @property
-    def completions(self) -> Path:
-        return self.root / "completions.jsonl"
-
-    @property
-    def judgments(self) -> Path:
-        return self.root / "judgments.jsonl"
-
-    @property
-    def rates(self) -> Path:
-        return self.root / "rates.csv"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def executed_notebooks(self) -> Path:
-        return self.root / "notebooks"
 
 
 @dataclass(frozen=True)
@@ -258,8 +211,7 @@ class Config:
     paths: RunPaths = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Figures go to the run directory: a run never overwrites the committed figures in images/.
-        object.__setattr__(self, "paths", RunPaths(root=self.run_dir, images=self.run_dir / "images"))
+        object.__setattr__(self, "paths", RunPaths(self.run_dir))
 
     def describe(self) -> str:
         """The config as aligned `name = value` lines, for the notebooks' first output."""
@@ -287,9 +239,12 @@ def _tiny_overrides() -> dict:
         generation_batch_size=16,
         judge="local",
         local_judge_model=TINY_MODEL,
-        # The random tiny judge puts ~4% of its probability on the integers 0..100, below the paper's
-        # 0.25: 0 keeps its (meaningless) scores so the tiny run exercises every score table and figure.
+        # The random tiny judge puts almost none of its probability on the integers 0..100, far below the
+        # paper's 0.25: 0 keeps its (meaningless) scores so the tiny run exercises every score table and figure.
         judge_min_mass=0.0,
+        # Its scores all sit near one value well below the paper's coherent 50: 0 keeps every scored answer,
+        # so the rate tables and figures fill (04 prints how these differ from the paper's thresholds).
+        coherent_threshold=0.0,
     )
 
 

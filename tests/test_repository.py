@@ -1,56 +1,144 @@
-"""Cheap static checks first: notebook JSON, clean notebooks, the house shape, ruff."""
+"""Cheap static checks, run first: notebook JSON, clean notebooks, the house shape, exercises and their
+solutions, a self-contained course, the size of helpers/, ruff."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from helpers.config import PROJECT_ROOT
 from helpers.run import series_notebooks
 
+sys.path.insert(0, str(PROJECT_ROOT / "tools"))
+from make_solutions import exercise_pairs, solution_code  # noqa: E402
+
 NOTEBOOKS = series_notebooks()
+SOLUTIONS = series_notebooks(PROJECT_ROOT / "solutions")
 EXPECTED_SERIES = ("01_data", "02_finetune", "03_generate", "04_analyze")
+SOLUTION_NOTE = re.compile(r"\n\n> \*\*Solutions\.\*\*.*?\n")  # what tools/make_solutions.py puts under the title
+ALL = NOTEBOOKS + SOLUTIONS
+
+
+def _name(notebook: Path) -> str:
+    return notebook.relative_to(PROJECT_ROOT).as_posix()
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def _repository_files() -> set[str]:
+    """What a clone has once this tree is committed: tracked files and untracked ones git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.split("\n")
+    return {path for path in listed if path and (PROJECT_ROOT / path).exists()}
 
 
 def test_series_is_complete_and_ordered():
     assert tuple(nb.stem for nb in NOTEBOOKS) == EXPECTED_SERIES
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda nb: nb.name)
+@pytest.mark.parametrize("notebook", ALL, ids=_name)
 def test_notebook_is_valid_and_stripped(notebook):
+    """Notebooks are committed with outputs stripped (and solutions/ is generated from them)."""
     import nbformat
 
-    nb = nbformat.read(notebook, as_version=4)
+    ids = [cell.get("id") for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), f"{_name(notebook)}: every cell needs its own id"
+    nb = nbformat.read(notebook, as_version=4)  # would silently renumber duplicate ids: checked above
     nbformat.validate(nb)
     for index, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            assert not cell.outputs, f"{notebook.name}: cell {index} has outputs; strip them before committing"
-            assert cell.execution_count is None, f"{notebook.name}: cell {index} has an execution count"
+            assert not cell.outputs, f"{_name(notebook)}: cell {index} has outputs; strip them before committing"
+            assert cell.execution_count is None, f"{_name(notebook)}: cell {index} has an execution count"
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda nb: nb.name)
+@pytest.mark.parametrize("notebook", ALL, ids=_name)
 def test_notebook_follows_house_shape(notebook):
-    nb = json.loads(notebook.read_text())
-    first = "".join(nb["cells"][0]["source"])
-    assert first.startswith("# ") and "colab-badge.svg" in first, f"{notebook.name}: title and Colab badge first"
-    assert "Reads" in first and "Writes" in first, f"{notebook.name}: say what it reads and writes at the top"
+    name, nb = _name(notebook), json.loads(notebook.read_text(encoding="utf-8"))
+    first = SOLUTION_NOTE.sub("", _source(nb["cells"][0])) if notebook in SOLUTIONS else _source(nb["cells"][0])
+    assert first.startswith("# ") and "colab-badge.svg" in first, f"{name}: title and Colab badge first"
+    assert "Reads" in first and "Writes" in first, f"{name}: say what it reads and writes at the top"
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1, f"{notebook.name}: exactly one cell tagged 'parameters'"
-    parameters = "".join(tagged[0]["source"])
-    for name in ("profile", "run_dir", "overwrite"):
-        assert f"{name} = " in parameters, f"{notebook.name}: the parameters cell sets {name}"
-    assert "if False" not in notebook.read_text(), f"{notebook.name}: use a named flag, not `if False:`"
-    assert "Exercises" in "".join("".join(c["source"]) for c in nb["cells"][-3:]), f"{notebook.name}: end with exercises"
+    assert len(tagged) == 1, f"{name}: exactly one cell tagged 'parameters'"
+    for parameter in ("profile", "run_dir", "overwrite"):
+        assert f"{parameter} = " in _source(tagged[0]), f"{name}: the parameters cell sets {parameter}"
+    assert "if False" not in notebook.read_text(encoding="utf-8"), f"{name}: use a named flag, not `if False:`"
+    assert "Exercises" in "".join(_source(c) for c in nb["cells"][-3:]), f"{name}: end with exercises"
+
+
+def _first_def(code: str) -> str | None:
+    return next((line.rstrip() for line in code.splitlines() if line.startswith("def ")), None)
+
+
+def test_at_least_five_exercises_each_with_check_and_solution():
+    found = []
+    for notebook in NOTEBOOKS:
+        nb = json.loads(notebook.read_text(encoding="utf-8"))
+        for exercise, check, solution in exercise_pairs(nb):  # raises when a check or solution is missing
+            where = f"{notebook.name} cell {exercise}"
+            statement = _source(nb["cells"][exercise - 1])
+            for word in ("Difficulty", "Importance", "minutes"):
+                assert word in statement, f"{where}: the statement above the stub states {word}"
+            stub, solved = _source(nb["cells"][exercise]), solution_code(nb["cells"][solution])
+            assert "raise NotImplementedError" in stub, f"{where}: the stub raises NotImplementedError until written"
+            assert "check(" in _source(nb["cells"][check]), f"{where}: its check cell calls check(...)"
+            assert _first_def(stub) and _first_def(stub) == _first_def(solved), (
+                f"{where}: the solution's def line {_first_def(solved)!r} differs from the stub's {_first_def(stub)!r}")
+            found.append(where)
+    assert len(found) >= 5, f"at least five exercises (cells tagged 'exercise'); found {found}"
+    assert all(any(w.startswith(nb.name) for w in found) for nb in NOTEBOOKS), f"one or more per notebook: {found}"
+
+
+def test_solutions_are_generated_from_the_notebooks(tmp_path):
+    result = subprocess.run([sys.executable, "tools/make_solutions.py", "--out", str(tmp_path)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fresh = {p.name: p.read_text(encoding="utf-8") for p in tmp_path.glob("*.ipynb")}
+    committed = {p.name: p.read_text(encoding="utf-8") for p in SOLUTIONS}
+    drifted = sorted(n for n in fresh.keys() | committed.keys() if fresh.get(n) != committed.get(n))
+    assert not drifted, f"solutions/ is out of date for {drifted}: run `python tools/make_solutions.py`"
+
+
+def test_course_cites_only_files_in_the_repository():
+    """Every document a notebook, the README, docs/, helpers/ or benchmarks/ cites is in the repository."""
+    files = _repository_files()
+    if not files:
+        pytest.skip("not a git checkout")
+    names = {path.rsplit("/", 1)[-1] for path in files}
+    readable = [p for p in sorted(files) if p.split("/", 1)[0] in ("notebooks", "solutions", "docs", "helpers", "benchmarks")
+                or p == "README.md"]
+    problems = []
+    for path in (p for p in readable if p.endswith((".ipynb", ".md", ".py"))):
+        text = (PROJECT_ROOT / path).read_text(encoding="utf-8")
+        missing = {m for m in re.findall(r"\b([A-Za-z_][\w-]*\.md)\b", text) if m not in names}
+        missing |= {m for m in ("../shared", "/work/shared") if m in text}
+        if missing:
+            problems.append(f"{path} cites {', '.join(sorted(missing))}")
+    assert not problems, "cited but not in the repository (a learner who clones it will not have them):\n" + "\n".join(problems)
+
+
+def test_readme_and_docs_link_only_to_files_that_exist():
+    for document in [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\((?!https?://|#)([^)#\s]+)", document.read_text(encoding="utf-8")):
+            assert (document.parent / target).exists(), f"{document.name} links to {target}, which does not exist"
+
+
+def test_helpers_stay_plumbing_under_2000_lines():
+    counts = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in (PROJECT_ROOT / "helpers").glob("*.py")}
+    assert sum(counts.values()) < 2000, (
+        f"helpers/*.py has {sum(counts.values())} lines (limit 2,000): the code a learner came to learn belongs "
+        f"in the notebook cells. Largest: {sorted(counts.items(), key=lambda kv: -kv[1])[:5]}")
 
 
 def test_ruff_is_clean():
-    result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "helpers", "tests", "notebooks", "benchmarks"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
-    )
+    folders = [f for f in ("helpers", "tests", "notebooks", "solutions", "benchmarks", "images") if (PROJECT_ROOT / f).is_dir()]
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", *folders], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
