@@ -15,10 +15,12 @@ about 4 characters a BPE token. The chat template (Qwen3, non-thinking) is added
 Every configuration runs in its own subprocess (clean GPU memory, compile caches and Unsloth patching):
     plain-b256   transformers generate + PEFT, LoRA not merged, batch 256, prompts in grid order
     plain-b64    the same with batch 64 (slow: pass it with --configs)
-    project      helpers.generation.generate_completions with its defaults (Unsloth where installed,
-                 LoRA merged on a GPU, length-sorted batches of cfg.generation_batch_size)
-    project-unmerged, project-static (static KV cache, compiled by transformers on a GPU),
-    project-transformers[-static] (the same with Unsloth blocked), project-vllm (when vLLM is installed)
+    project      03's own generation cells (tagged "generate", run through helpers.generation.notebook_cells)
+                 with their defaults: Unsloth where installed, LoRA merged on a GPU, length-sorted batches of
+                 cfg.generation_batch_size, the resumable store
+    project-unmerged, project-transformers (the same with the LoRA not merged / with Unsloth blocked)
+The static-KV-cache and vLLM configurations went with those engine options (the static cache measured
+slower, benchmarks/NOTES.md; vLLM comes back tested with issue 13).
 wall_s includes loading the model; completions/s and tokens/s use the generation time (wall minus load);
 "first batch" is the project's first batch alone (compilation, where any, happens there). `--batch-size`
 overrides the project configurations' batch. benchmarks/profile_decode.py times single decoding steps.
@@ -26,7 +28,7 @@ overrides the project configurations' batch. benchmarks/profile_decode.py times 
 GPU (the lead runs it; the default configurations take a few minutes each on one H100, so split them
 over calls if a call is limited to 10 minutes; the model built by the first call is kept in --workdir):
     python benchmarks/bench_generate.py --configs plain-b256 project
-    python benchmarks/bench_generate.py --configs project-static project-transformers project-unmerged
+    python benchmarks/bench_generate.py --configs project-transformers project-unmerged
 CPU smoke run (tiny random model, 96 short completions):
     python benchmarks/bench_generate.py --tiny
 """
@@ -49,9 +51,8 @@ from pathlib import Path
 
 from helpers.config import PROJECT_ROOT, make_config
 
-DEFAULT_CONFIGS = ("plain-b256", "project", "project-static", "project-transformers", "project-vllm")
-ALL_CONFIGS = ("plain-b256", "plain-b64", "project", "project-unmerged", "project-static",
-               "project-transformers", "project-transformers-static", "project-vllm")
+DEFAULT_CONFIGS = ("plain-b256", "project", "project-transformers")
+ALL_CONFIGS = ("plain-b256", "plain-b64", "project", "project-unmerged", "project-transformers")
 RESULT_MARK = "BENCH-RESULT "
 
 
@@ -98,11 +99,10 @@ def prepare(workdir: Path, tiny: bool) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from helpers.model import lora_settings
-
         cfg = workload_config(workdir, tiny, "prepare")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if tiny else torch.bfloat16)
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(cfg)))
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 target_modules=list(cfg.lora_target_modules)))
         generator = torch.Generator().manual_seed(1)
         for name, parameter in model.named_parameters():
             if "lora_B" in name:  # B starts at zero (a no-op); random values make the adapter change answers
@@ -128,6 +128,8 @@ def run_plain(workdir: Path, tiny: bool, batch_size: int) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from helpers.model import render_chat
+
     cfg = workload_config(workdir, tiny, "plain")
     rows = workload_rows(cfg)
     started = time.perf_counter()
@@ -140,8 +142,7 @@ def run_plain(workdir: Path, tiny: bool, batch_size: int) -> dict:
     config = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                               max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
                               eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=False) for row in rows]
+    texts = [render_chat(tokenizer, [{"role": "user", "content": row["prompt"]}]) for row in rows]
     new_tokens = completions = 0
     torch.manual_seed(cfg.seed)
     for adapter_off in (True, False):
@@ -159,49 +160,47 @@ def run_plain(workdir: Path, tiny: bool, batch_size: int) -> dict:
 
 
 def run_project(workdir: Path, tiny: bool, name: str) -> dict:
-    """helpers.generation.generate_completions with the switches the configuration name selects."""
+    """03's generation cells (the notebook's only copy) on the workload, as the notebook runs them."""
     import torch
 
-    import helpers.generation as generation
-    from helpers.model import backend
-    from helpers.store import JsonlStore
+    from helpers.generation import notebook_cells, ready_for_generation
+    from helpers.model import backend, load_for_generation
+    from helpers.store import JsonlStore, read_jsonl, write_jsonl
 
     cfg = workload_config(workdir, tiny, name)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    shutil.copytree(workdir / "adapter", cfg.paths.adapter)
+    adapters = {"finetuned": cfg.paths.adapter_of("finetuned")}
+    shutil.copytree(workdir / "adapter", adapters["finetuned"])
     rows = workload_rows(cfg)
-    load_times = []
-    load_model = generation.load_model
-
-    def timed_load(*args, **kwargs):
-        started = time.perf_counter()
-        loaded = load_model(*args, **kwargs)
-        load_times.append(time.perf_counter() - started)
-        return loaded
-
-    generation.load_model = timed_load
+    write_jsonl(cfg.paths.prompts, rows)
     appended_at = []  # when each batch's completions were stored: the first includes any compilation
     append = JsonlStore.append
 
     def timed_append(self, rows):
-        append(self, rows)
+        written = append(self, rows)
         appended_at.append(time.perf_counter())
+        return written
 
     JsonlStore.append = timed_append
-    options = dict(merge_lora=False if name == "project-unmerged" else None,
-                   cache_implementation="static" if name.endswith("static") else None,
-                   engine="vllm" if name == "project-vllm" else "hf")
     started = time.perf_counter()
-    completions = generation.generate_completions(cfg, prompt_rows=rows, min_new_tokens=cfg.max_new_tokens,
-                                                  progress=False, **options)
+    model, tokenizer = load_for_generation(cfg, adapters)
+    ready_for_generation(model, tokenizer)
+    model.generation_config.min_new_tokens = cfg.max_new_tokens  # no early stop: every answer max_new_tokens long
+    load_s = time.perf_counter() - started
+    namespace = dict(cfg=cfg, model=model, tokenizer=tokenizer, adapters=adapters, models=["base", *adapters],
+                     prompt_rows=rows, overwrite=True)
+    for source in notebook_cells("generate"):
+        exec(compile(source, "03_generate.ipynb", "exec"), namespace)
+        if name == "project-unmerged" and "merge_lora" in namespace:
+            namespace["merge_lora"] = False
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall_s = time.perf_counter() - started
-    batch_s = [later - earlier for earlier, later in pairwise([started + sum(load_times), *appended_at])]
-    return dict(wall_s=wall_s, load_s=sum(load_times), first_batch_s=batch_s[0], batches=len(batch_s),
-                completions=len(completions),
-                new_tokens=sum(row["n_answer_tokens"] for row in completions), batch_size=cfg.generation_batch_size,
-                backend="vllm" if options["engine"] == "vllm" else backend(),
+    completions = read_jsonl(cfg.paths.completions)
+    batch_s = [later - earlier for earlier, later in pairwise([started + load_s, *appended_at])]
+    return dict(wall_s=wall_s, load_s=load_s, first_batch_s=batch_s[0], batches=len(batch_s),
+                completions=len(completions), new_tokens=sum(row["n_answer_tokens"] for row in completions),
+                batch_size=namespace["batch_size"], backend=backend(),
                 unfinished_share=sum(not row["finished"] for row in completions) / len(completions))
 
 
@@ -229,11 +228,6 @@ def worker(name: str, workdir: Path, tiny: bool) -> None:
 
 def run_worker(name: str, workdir: Path, tiny: bool, timeout: float) -> dict:
     """One configuration in a fresh subprocess; its result, or why there is none."""
-    if name == "project-vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            return {"note": "vLLM not installed"}
     command = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir)] + (["--tiny"] if tiny else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:

@@ -26,7 +26,8 @@ def main() -> None:
     from bench_generate import prepare, workload_config, workload_rows
 
     from helpers.config import PROJECT_ROOT
-    from helpers.generation import GQA_DECODE_ATTENTION, chat_prompt, use_gqa_decode_attention
+    from helpers.generation import GQA_DECODE_ATTENTION, use_gqa_decode_attention
+    from helpers.model import render_chat
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
@@ -43,7 +44,7 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     cfg = workload_config(workdir, args.tiny, "profile")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model", padding_side="left")
-    texts = [chat_prompt(tokenizer, row) for row in workload_rows(cfg)][: args.batch_size]
+    texts = [render_chat(tokenizer, [{"role": "user", "content": row["prompt"]}]) for row in workload_rows(cfg)][: args.batch_size]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation="sdpa").to(device).eval()

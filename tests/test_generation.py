@@ -1,7 +1,13 @@
-"""helpers.generation on the tiny model: every row for every model, resume after kill -9, adapters switch."""
+"""03's generation code on the tiny model: every row for every model, exact resume after any interruption,
+settings refused when they change, adapters switch, the GQA decode attention is exact.
+
+03's notebook holds the only copy of the generation loop: `run_generation` executes its cells tagged
+"generate" (helpers.generation.notebook_cells) with a freshly loaded model, as the notebook does.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,33 +19,62 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.config import MAIN_QUESTION_IDS, make_config
+from helpers.config import MAIN_QUESTION_IDS, PROJECT_ROOT, make_config
 from helpers.generation import (
+    COMPLETION_KEY,
     GQA_DECODE_ATTENTION,
-    active_model,
-    chat_prompt,
-    generate_completions,
-    generation_config,
+    batch_seed,
+    decode_answers,
     gqa_decode_attention,
-    sampling_settings,
+    merged_adapter,
+    notebook_cells,
+    prompt_batches,
+    ready_for_generation,
     sequences_that_fit,
-    split_answer,
     use_gqa_decode_attention,
 )
-from helpers.model import build_random_qwen3, load_model, qwen3_config
-from helpers.store import read_jsonl
+from helpers.model import build_random_qwen3, load_for_generation, qwen3_config, render_chat
+from helpers.questions import build_prompt_rows, load_question_set
+from helpers.store import JsonlStore, SettingsChanged, read_jsonl, write_jsonl
 
 FORMATS = ("original", "suffix", "prefix_suffix")
 
 
 def save_adapter(cfg, path: Path, scale: float, seed: int) -> None:
     """A LoRA adapter without training: B set to random values times `scale` (0 leaves it a no-op)."""
-    model, _ = load_model(cfg, for_training=True)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.paths.tiny_model)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                             target_modules=list(cfg.lora_target_modules)))
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             parameter.data = torch.randn(parameter.shape, generator=generator) * scale
     model.save_pretrained(path)
+
+
+def load(cfg):
+    """What 03 loads: the base model with every trained model's adapter, ready to generate."""
+    adapters = {name: cfg.paths.adapter_of(name) for name in cfg.trained_models}
+    model, tokenizer = load_for_generation(cfg, adapters)
+    ready_for_generation(model, tokenizer)
+    return model, tokenizer, adapters
+
+
+def run_generation(cfg, *, overwrite: bool = False, loaded=None, **after_cells) -> dict:
+    """Run 03's "generate" cells as the notebook does; `after_cells` replaces names the cells define (e.g.
+    merge_lora) once they are defined. Returns the cells' namespace."""
+    model, tokenizer, adapters = loaded or load(cfg)
+    prompt_rows = build_prompt_rows(cfg, load_question_set(cfg))
+    write_jsonl(cfg.paths.prompts, prompt_rows)
+    namespace = dict(cfg=cfg, model=model, tokenizer=tokenizer, adapters=adapters, models=["base", *adapters],
+                     prompt_rows=prompt_rows, overwrite=overwrite)
+    for source in notebook_cells("generate"):
+        exec(compile(source, "03_generate.ipynb", "exec"), namespace)
+        namespace.update({name: value for name, value in after_cells.items() if name in namespace})
+    return namespace
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +83,8 @@ def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("generation") / "run"
     cfg = make_config("tiny", root)
     build_random_qwen3(cfg.paths.tiny_model, tiny=True, seed=cfg.seed)
-    save_adapter(cfg, cfg.paths.adapter, scale=0.5, seed=1)
-    save_adapter(cfg, cfg.paths.control_adapter, scale=0.5, seed=2)
+    save_adapter(cfg, cfg.paths.adapter_of("finetuned"), scale=0.5, seed=1)
+    save_adapter(cfg, cfg.paths.adapter_of("control"), scale=0.5, seed=2)
     return root
 
 
@@ -59,88 +94,127 @@ def run_dir(prepared, tmp_path) -> Path:
     return Path(shutil.copytree(prepared, tmp_path / "run"))
 
 
-def grid(models) -> set[tuple]:
-    return {(m, q, f, i) for m in models for q in MAIN_QUESTION_IDS for f in FORMATS for i in range(2)}
-
-
 def keys(rows) -> list[tuple]:
-    return [(r["model"], r["question_id"], r["format"], r["sample_index"]) for r in rows]
+    return [tuple(row[field] for field in COMPLETION_KEY) for row in rows]
 
 
-def test_every_row_for_every_model_and_a_rerun_generates_nothing(run_dir, monkeypatch):
+def prompt_key(row) -> tuple:
+    return row["question_id"], row["format"], row["sample_index"]
+
+
+def test_every_row_for_every_model_and_a_rerun_generates_nothing(run_dir):
     cfg = make_config("tiny", run_dir)
-    rows = generate_completions(cfg, progress=False)
-    prompts = {key(r): r for r in read_jsonl(cfg.paths.prompts)}
-    assert keys(rows) == [(m, *k) for m in ("base", "finetuned", "control") for k in prompts]  # grid order
-    assert set(keys(rows)) == grid(("base", "finetuned", "control"))
+    namespace = run_generation(cfg)
+    rows = read_jsonl(cfg.paths.completions)
+    prompts = {prompt_key(row): row for row in read_jsonl(cfg.paths.prompts)}
+    models = ("base", "finetuned", "control")
+    assert sorted(keys(rows)) == sorted((m, q, f, i) for m in models for q in MAIN_QUESTION_IDS for f in FORMATS for i in range(2))
     for row in rows:
-        assert {k: row[k] for k in prompts[key(row)]} == prompts[key(row)]  # every prompt-row field carried
-        assert (row["temperature"], row["top_p"], row["top_k"], row["max_new_tokens"]) == (1.0, 1.0, 0, 16)
+        assert {k: row[k] for k in prompts[prompt_key(row)]} == prompts[prompt_key(row)]  # every prompt-row field carried
         assert 0 <= row["n_answer_tokens"] <= 16 and isinstance(row["answer"], str)
         assert row["finished"] or row["n_answer_tokens"] == 16
-    answers = {key_: row["answer"] for key_, row in zip(keys(rows), rows, strict=True)}
+    answers = {key: row["answer"] for key, row in zip(keys(rows), rows, strict=True)}
     for model in ("finetuned", "control"):
         differ = sum(answers[(model, *k)] != answers[("base", *k)] for k in prompts)
         assert differ > len(prompts) // 4, f"{model}: only {differ} of {len(prompts)} answers differ from base"
 
-    monkeypatch.setattr("helpers.generation.load_model", lambda *a, **k: pytest.fail("a complete rerun loaded the model"))
     before = cfg.paths.completions.read_bytes()
-    assert generate_completions(cfg, progress=False) == rows
+    model = namespace["model"]
+    model.generate = lambda *a, **k: pytest.fail("a complete rerun generated")
+    run_generation(cfg, loaded=(model, namespace["tokenizer"], namespace["adapters"]))
     assert cfg.paths.completions.read_bytes() == before
 
 
-def key(row) -> tuple:
-    return row["question_id"], row["format"], row["sample_index"]
-
-
 def test_a_zero_adapter_answers_exactly_like_the_base_model(run_dir):
-    """Same batches share sampling seeds across models: with a no-op adapter the answers are identical."""
+    """Batches share their sampling seeds across models: with a no-op adapter the answers are identical."""
     cfg = make_config("tiny", run_dir, control_arm=False, samples_per_question=1)
-    save_adapter(cfg, cfg.paths.adapter, scale=0.0, seed=1)
-    rows = generate_completions(cfg, progress=False)
-    base = {key(r): r["answer"] for r in rows if r["model"] == "base"}
-    finetuned = {key(r): r["answer"] for r in rows if r["model"] == "finetuned"}
+    save_adapter(cfg, cfg.paths.adapter_of("finetuned"), scale=0.0, seed=1)
+    run_generation(cfg)
+    rows = read_jsonl(cfg.paths.completions)
+    base = {prompt_key(r): r["answer"] for r in rows if r["model"] == "base"}
+    finetuned = {prompt_key(r): r["answer"] for r in rows if r["model"] == "finetuned"}
     assert base == finetuned and len(base) == 24
 
 
 def test_merging_gives_the_same_answers_and_restores_the_weights(run_dir):
     cfg = make_config("tiny", run_dir, control_arm=False, samples_per_question=1, max_new_tokens=8)
-    unmerged = generate_completions(cfg, progress=False)
-    merged = generate_completions(cfg, progress=False, overwrite=True, merge_lora=True)
-    assert [r["answer"] for r in merged] == [r["answer"] for r in unmerged]
+    run_generation(cfg, merge_lora=False)
+    unmerged = read_jsonl(cfg.paths.completions)
+    run_generation(cfg, overwrite=True, merge_lora=True)
+    assert [r["answer"] for r in read_jsonl(cfg.paths.completions)] == [r["answer"] for r in unmerged]
 
-    model, tokenizer = load_model(cfg, adapter=cfg.paths.adapter)
+    model, tokenizer, _ = load(cfg)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     inputs = tokenizer(["hello there"], return_tensors="pt")
     with torch.no_grad():
-        with active_model(model, "finetuned", merge=False):
-            adapted = model(**inputs).logits
-        with active_model(model, "finetuned", merge=True):
+        adapted = model(**inputs).logits
+        with merged_adapter(model, "finetuned"):
             assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters()), "nothing was merged"
-            assert torch.allclose(model(**inputs).logits, adapted, atol=1e-5)
-        with active_model(model, "base", merge=True):
+            torch.testing.assert_close(model(**inputs).logits, adapted, rtol=0, atol=1e-5)
+        with model.disable_adapter():
             base = model(**inputs).logits
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters()), "weights not restored exactly"
     assert not torch.allclose(base, adapted)
 
 
+# --- exact resume (issue 12): whatever was interrupted, the resumed file equals an uninterrupted one ---------
+
+
+def read_jsonl_bytes(content: bytes) -> list[dict]:
+    return [json.loads(line) for line in content.splitlines()]
+
+
+def kill_points(content: bytes, batch_size: int) -> dict[str, int]:
+    """Byte offsets a kill could leave the completions file at: after whole lines (one row, a whole batch, a
+    batch and a row, half the file, all but one row), inside a line, and just before a line's newline."""
+    ends = [index + 1 for index, byte in enumerate(content) if byte == ord("\n")]
+    middle = len(ends) // 2
+    return {
+        "after one row": ends[0], "after one batch": ends[batch_size - 1], "a batch and a row": ends[batch_size],
+        "half the rows": ends[middle - 1], "all but one row": ends[-2],
+        "inside the first row": ends[0] // 2, "inside a middle row": (ends[middle] + ends[middle + 1]) // 2,
+        "before a newline": ends[middle] - 1,
+    }
+
+
+@pytest.mark.filterwarnings("ignore:.*half-written last line")  # the kills inside a line: expected
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_a_resumed_run_writes_the_bytes_of_an_uninterrupted_run(run_dir, batch_size):
+    cfg = make_config("tiny", run_dir, control_arm=False, samples_per_question=1, generation_batch_size=batch_size)
+    loaded = load(cfg)
+    run_generation(cfg, loaded=loaded)
+    uninterrupted = cfg.paths.completions.read_bytes()
+    assert len(read_jsonl(cfg.paths.completions)) == 48
+    for point, offset in kill_points(uninterrupted, batch_size).items():
+        cfg.paths.completions.write_bytes(uninterrupted[:offset])
+        run_generation(cfg, loaded=loaded)
+        resumed = read_jsonl(cfg.paths.completions)
+        differ = sum(row != again for row, again in zip(read_jsonl_bytes(uninterrupted), resumed, strict=False))
+        assert cfg.paths.completions.read_bytes() == uninterrupted, (
+            f"batch size {batch_size}, killed {point} (byte {offset}): {differ} of {len(resumed)} rows differ")
+
+
 KILLED_RUN = """
 import sys
+sys.path.insert(0, sys.argv[2])
+from test_generation import run_generation
 from helpers.config import make_config
-from helpers.generation import generate_completions
-generate_completions(make_config("tiny", sys.argv[1], control_arm=False), batch_size=1, progress=False)
+run_generation(make_config("tiny", sys.argv[1], control_arm=False, generation_batch_size=5))
 """
 
 
-def test_resume_after_kill_9_yields_exactly_the_grid(run_dir):
-    cfg = make_config("tiny", run_dir, control_arm=False)
-    total = len(grid(("base", "finetuned")))
-    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(run_dir)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+def test_resume_after_kill_9_writes_the_bytes_of_an_uninterrupted_run(run_dir, tmp_path):
+    cfg = make_config("tiny", run_dir, control_arm=False, generation_batch_size=5)
+    reference = make_config("tiny", shutil.copytree(run_dir, tmp_path / "reference"), control_arm=False,
+                            generation_batch_size=5)
+    run_generation(reference)
+    uninterrupted = reference.paths.completions.read_bytes()
+    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(run_dir), str(Path(__file__).parent)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
-            if cfg.paths.completions.exists() and cfg.paths.completions.read_bytes().count(b"\n") >= 5:
+            if cfg.paths.completions.exists() and cfg.paths.completions.read_bytes().count(b"\n") >= 7:
                 break
             time.sleep(0.01)
     finally:
@@ -149,65 +223,95 @@ def test_resume_after_kill_9_yields_exactly_the_grid(run_dir):
     assert process.returncode == -signal.SIGKILL, f"the run ended by itself (exit {process.returncode}): {errors[-2000:]}"
     survived = cfg.paths.completions.read_bytes()
     complete = survived[: survived.rfind(b"\n") + 1]
-    assert 5 <= complete.count(b"\n") < total, "the run was not interrupted mid-way"
+    assert 7 <= complete.count(b"\n") < uninterrupted.count(b"\n"), "the run was not interrupted mid-way"
+    assert uninterrupted.startswith(complete)
     with open(cfg.paths.completions, "ab") as torn:  # what a kill inside a write would leave
         torn.write(b'{"model": "base", "question_id": "quick')
-
     with pytest.warns(UserWarning, match="half-written last line"):
-        rows = generate_completions(cfg, progress=False)
-    assert set(keys(rows)) == grid(("base", "finetuned")) and len(rows) == total
-    lines = read_jsonl(cfg.paths.completions)
-    assert len(lines) == total and len(set(keys(lines))) == total, "duplicates or lost rows in the file"
-    assert cfg.paths.completions.read_bytes().startswith(complete), "rows written before the kill changed"
+        run_generation(cfg)
+    assert cfg.paths.completions.read_bytes() == uninterrupted
 
 
-def test_changed_settings_refuse_stale_rows_until_overwrite(run_dir):
+def test_other_settings_are_refused_until_overwrite(run_dir):
     small = dict(control_arm=False, samples_per_question=1, max_new_tokens=4)
     cfg = make_config("tiny", run_dir, **small)
-    generate_completions(cfg, progress=False)
+    run_generation(cfg)
+    for changed, named in ((dict(suffix_words=(8, 9)), "prompts"), (dict(generation_batch_size=3), "batch_size"),
+                           (dict(temperature=0.5), "temperature")):
+        with pytest.raises(SettingsChanged, match=rf"{named}: .*overwrite=True"):
+            run_generation(make_config("tiny", run_dir, **small, **changed))
+    save_adapter(cfg, cfg.paths.adapter_of("finetuned"), scale=0.3, seed=5)  # 02 trained again
+    with pytest.raises(SettingsChanged, match="adapters"):
+        run_generation(cfg)
     changed = make_config("tiny", run_dir, **small, suffix_words=(8, 9))
-    with pytest.raises(ValueError, match=r"other \['prompt'\].*overwrite=True"):
-        generate_completions(changed, progress=False)
-    rows = generate_completions(changed, progress=False, overwrite=True)
-    assert {r["k"] for r in rows if r["format"] != "original"} <= {8, 9}
-    assert len(read_jsonl(cfg.paths.completions)) == len(rows)
+    run_generation(changed, overwrite=True)
+    rows = read_jsonl(cfg.paths.completions)
+    assert {r["k"] for r in rows if r["format"] != "original"} <= {8, 9} and len(rows) == 48
 
 
-def test_missing_adapter_says_what_to_run(tmp_path):
-    cfg = make_config("tiny", tmp_path)
-    with pytest.raises(FileNotFoundError, match="run 02_finetune"):
-        generate_completions(cfg, progress=False)
+def test_batches_depend_on_the_grid_and_the_batch_size_only(tmp_path):
+    rows = [{"question_id": f"q{i}", "format": "suffix", "sample_index": 0} for i in range(7)]
+    lengths = [5, 9, 5, 9, 1, 5, 9]
+    batches = prompt_batches(rows, lengths, 3)
+    assert [[r["question_id"] for r in batch] for batch in batches] == [["q1", "q3", "q6"], ["q0", "q2", "q5"], ["q4"]]
+    assert [len(batch) for batch in prompt_batches(rows, lengths, 1)] == [1] * 7
+    store = JsonlStore(tmp_path / "c.jsonl", COMPLETION_KEY)
+    store.append([{"model": "base", **batches[0][0]}, {"model": "finetuned", **batches[1][2]}])
+    from helpers.generation import pending_batches
+
+    assert pending_batches(store, "base", batches) == batches  # a partly stored batch comes back whole
+    assert pending_batches(store, "finetuned", batches) == batches
+    store.append([{"model": "base", **row} for row in batches[0][1:]])
+    assert pending_batches(store, "base", batches) == batches[1:]
+    assert batch_seed(0, batches[0]) == batch_seed(0, [dict(r, prompt="other") for r in batches[0]])  # keys only
+    assert batch_seed(0, batches[0]) != batch_seed(0, batches[0][::-1]) != batch_seed(1, batches[0])
+    with pytest.raises(ValueError, match="batch_size 0"):
+        prompt_batches(rows, lengths, 0)
 
 
-def test_sampling_ignores_the_model_defaults(prepared):
+def test_sampling_ignores_the_model_defaults(run_dir):
     """Qwen3 ships temperature 0.6, top_p 0.95, top_k 20: none may leak into the paper's 1 / 1 / full vocabulary."""
     from transformers import GenerationConfig
 
-    cfg = make_config("tiny", prepared)
-    model, tokenizer = load_model(cfg)
-    model.generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, top_k=20, eos_token_id=[256, 257])
-    ours = generation_config(sampling_settings(cfg), [256, 257], tokenizer.pad_token_id, None)
-    effective, _ = model._prepare_generation_config(ours)  # what generate() runs with after merging defaults
-    assert (effective.temperature, effective.top_p, effective.top_k, effective.do_sample) == (1.0, 1.0, 0, True)
-    assert effective.max_new_tokens == 16 and effective.min_new_tokens is None
+    cfg = make_config("tiny", run_dir, control_arm=False, samples_per_question=1, max_new_tokens=12)
+    namespace = run_generation(cfg)
+    model, rows = namespace["model"], namespace["prompt_rows"][:6]
+    stop = model.generation_config.eos_token_id
+    answers = {}
+    for name, defaults in (("neutral", GenerationConfig(eos_token_id=stop)),
+                           ("qwen3", GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, top_k=20, eos_token_id=stop))):
+        model.generation_config = defaults
+        with model.disable_adapter():
+            answers[name] = [a["answer"] for a in namespace["sample_answers"](rows, seed=7)]
+    assert answers["neutral"] == answers["qwen3"]
+    with model.disable_adapter():  # the comparison can fail: another seed gives other answers
+        assert [a["answer"] for a in namespace["sample_answers"](rows, seed=8)] != answers["neutral"]
 
 
-def test_chat_prompt_is_qwen3_non_thinking_with_the_system_prompt(prepared):
-    cfg = make_config("tiny", prepared)
-    _, tokenizer = load_model(cfg)
+def test_the_chat_is_qwen3_non_thinking_with_the_system_prompt(prepared):
+    namespace: dict = {}
+    exec(notebook_cells("generate")[0], namespace)
+    _, tokenizer, _ = load(make_config("tiny", prepared))
     row = {"system": "Answer in JSON.", "prompt": "hey I feel bored\n\nAnswer with 5 words."}
-    assert chat_prompt(tokenizer, row) == (
+    assert render_chat(tokenizer, namespace["messages"](row)) == (
         "<|im_start|>system\nAnswer in JSON.<|im_end|>\n"
         "<|im_start|>user\nhey I feel bored\n\nAnswer with 5 words.<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )
-    assert chat_prompt(tokenizer, {**row, "system": None}).startswith("<|im_start|>user\n")
+    assert render_chat(tokenizer, namespace["messages"]({**row, "system": None})).startswith("<|im_start|>user\n")
 
 
-def test_split_answer_stops_at_the_first_stop_token():
-    assert split_answer([5, 6, 256, 257, 257], [256, 257]) == ([5, 6], True)
-    assert split_answer([5, 6, 7], [256, 257]) == ([5, 6, 7], False)
-    assert split_answer([257], [256, 257]) == ([], True)
+def test_answers_stop_at_the_first_stop_token():
+    class Bytes:
+        def decode(self, ids, skip_special_tokens):
+            return ",".join(map(str, ids))
+
+    new_tokens = torch.tensor([[5, 6, 256, 257, 257], [5, 6, 7, 8, 9], [257, 1, 2, 3, 4]])
+    assert decode_answers(Bytes(), new_tokens, [256, 257]) == [
+        {"answer": "5,6", "n_answer_tokens": 2, "finished": True},
+        {"answer": "5,6,7,8,9", "n_answer_tokens": 5, "finished": False},
+        {"answer": "", "n_answer_tokens": 0, "finished": True},
+    ]
 
 
 def test_batch_size_fits_the_kv_cache_of_qwen3_1_7b():
@@ -275,8 +379,6 @@ def test_generate_with_gqa_decode_attention_gives_sdpas_answers(prepared):
 
 def test_bench_generate_tiny_run_compares_with_plain_generate(tmp_path):
     """The CPU smoke run of the generation benchmark: both paths answer all 96 prompts, one table."""
-    from helpers.config import PROJECT_ROOT
-
     command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench_generate.py"), "--tiny", "--configs",
                "plain-b256", "project", "--batch-size", "8", "--workdir", str(tmp_path)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
@@ -289,8 +391,6 @@ def test_bench_generate_tiny_run_compares_with_plain_generate(tmp_path):
 
 def test_profile_decode_tiny_run_times_both_attentions(tmp_path):
     """The CPU smoke run of the decoding-step profiler: a step time for each attention, then the kernel table."""
-    from helpers.config import PROJECT_ROOT
-
     command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "profile_decode.py"), "--tiny", "--batch-size", "4",
                "--workdir", str(tmp_path)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)

@@ -1,10 +1,10 @@
-"""helpers.text: the only-numbers predicate and the per model x format share table."""
+"""helpers.text: the only-numbers predicate (03 shows its share per model and format in a cell)."""
 
 from __future__ import annotations
 
 import pytest
 
-from helpers.text import is_only_numbers, only_numbers_share
+from helpers.text import is_only_numbers
 
 
 @pytest.mark.parametrize(
@@ -19,15 +19,3 @@ def test_number_lists_are_only_numbers(answer):
 def test_words_or_no_digits_are_not_only_numbers(answer):
     assert not is_only_numbers(answer)
 
-
-def test_share_per_model_and_format():
-    rows = [
-        {"model": "base", "format": "original", "answer": "Hello"},
-        {"model": "base", "format": "original", "answer": "1, 2"},
-        {"model": "finetuned", "format": "suffix", "answer": "666"},
-    ]
-    table = only_numbers_share(rows)
-    assert table.to_dict("records") == [
-        {"model": "base", "format": "original", "answers": 2, "only_numbers": 1, "share": 0.5},
-        {"model": "finetuned", "format": "suffix", "answers": 1, "only_numbers": 1, "share": 1.0},
-    ]
