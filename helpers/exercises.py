@@ -39,7 +39,7 @@ def check(learner: Callable, reference: Callable, cases: Iterable[tuple | dict],
     cases = list(cases)
     for number, case in enumerate(cases, start=1):
         args, kwargs = ((), case) if isinstance(case, dict) else (case, {})
-        shown = ", ".join([repr(a)[:80] for a in args] + [f"{k}={v!r}"[:80] for k, v in kwargs.items()])
+        shown = ", ".join([_short(a) for a in args] + [f"{k}={_short(v)}" for k, v in kwargs.items()])
         expected = reference(*args, **kwargs)
         try:
             got = learner(*args, **kwargs)
@@ -51,7 +51,7 @@ def check(learner: Callable, reference: Callable, cases: Iterable[tuple | dict],
             problems.append(f"case {number} ({shown}): raised {type(error).__name__}: {error}")
             continue
         if not compare(got, expected):
-            problems.append(f"case {number} ({shown}): expected {expected!r}, got {got!r}")
+            problems.append(f"case {number} ({shown}): {_difference(got, expected)}")
     if problems:
         print(f"✗ {name}: {len(problems)} of {len(cases)} cases wrong")
         for problem in problems[:5]:
@@ -60,6 +60,20 @@ def check(learner: Callable, reference: Callable, cases: Iterable[tuple | dict],
         return _verdict(False, "; ".join(problems[:3]))
     print(f"✓ {name}: all {len(cases)} cases pass")
     return True
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width - 12]}…({len(value) if hasattr(value, '__len__') else ''} long)"
+
+
+def _difference(got: Any, expected: Any) -> str:
+    """Where a long sequence or string first differs, instead of both in full."""
+    if isinstance(expected, (list, tuple, str)) and isinstance(got, (list, tuple, str)) and len(repr(expected)) > 120:
+        at = next((i for i, (g, e) in enumerate(zip(got, expected, strict=False)) if not same(g, e)), min(len(got), len(expected)))
+        return (f"lengths {len(got)} (yours) and {len(expected)} (expected); first difference at position {at}: "
+                f"expected {expected[at:at + 8]!r}, got {got[at:at + 8]!r}, after {expected[max(0, at - 8):at]!r}")
+    return f"expected {_short(expected, 120)}, got {_short(got, 120)}"
 
 
 def _verdict(passed: bool, detail: str) -> bool:

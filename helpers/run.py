@@ -14,11 +14,12 @@ from pathlib import Path
 from helpers.config import PROJECT_ROOT, Config, make_config
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+SERIES = ("01", "02", "03", "04")  # one run; 05_sweep reads many (helpers.sweep runs them)
 
 
 def series_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
-    """The series' notebooks in order: notebooks/0N_*.ipynb."""
-    return sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb"))
+    """The series' notebooks in order: notebooks/0N_*.ipynb for N in SERIES."""
+    return sorted(nb for nb in notebook_dir.glob("[0-9][0-9]_*.ipynb") if nb.name[:2] in SERIES)
 
 
 def made_by(cfg: Config, notebook: str) -> list[Path]:
@@ -53,7 +54,7 @@ def execute(cfg: Config, notebook: Path, extra: dict | None = None) -> Path:
     try:
         papermill.execute_notebook(notebook, executed, cwd=str(notebook.parent), kernel_name="python3",
                                    parameters={"profile": cfg.profile, "run_dir": str(cfg.run_dir), **extra},
-                                   progress_bar=False)
+                                   progress_bar=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as error:
         print(" failed")
         raise SystemExit(f"{notebook.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
