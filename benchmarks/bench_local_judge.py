@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers.config import make_config
-from helpers.judging import LocalJudge, continuation_mask, load_judge_model
+from helpers.judging import LocalJudge
 from helpers.model import backend, build_random_qwen3, compute_dtype
 
 # Qwen3-8B's shape (config.json of Qwen/Qwen3-8B), for the default local judge.
@@ -86,12 +86,13 @@ def main() -> None:
     args = parser.parse_args()
 
     source = build_model(args.workdir, args.shape, args.tiny)
-    cfg = make_config("tiny" if args.tiny else "full", args.workdir / "run", local_judge_model=str(source))
-    started = time.perf_counter()
-    model, tokenizer = load_judge_model(cfg)
+    started = time.perf_counter()  # loaded as 04 loads its local judge: plain transformers
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(),
+                                                 device_map="cuda" if torch.cuda.is_available() else None)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     load_s = time.perf_counter() - started
     judge = LocalJudge(model, tokenizer, PROMPTS, name="bench", min_mass=0.0)
-    assert continuation_mask(tokenizer, 300)[tokenizer.convert_tokens_to_ids("7")], "digits continue a number"
+    assert judge.continues[tokenizer.convert_tokens_to_ids("7")], "digits continue a number"
 
     rng = random.Random(0)
     words = [chr(rng.randint(97, 122)) * rng.randint(1, 6) for _ in range(4 * args.prompt_tokens)]

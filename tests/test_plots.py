@@ -1,4 +1,4 @@
-"""The analysis figures drawn from hand-made judgments where answers are kept, and saved by stable name."""
+"""The figures of 04 drawn from hand-made judgments, titles that name their source, and stable file names."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from statsmodels.stats.proportion import proportion_confint  # noqa: E402
 
-from helpers.metrics import flag_rate_table, misalignment_table  # noqa: E402
-from helpers.plots import plot_misalignment_rates, plot_proxy_rates, plot_score_scatter, save_figure  # noqa: E402
+from helpers.config import make_config  # noqa: E402
+from helpers.metrics import misalignment_table  # noqa: E402
+from helpers.plots import dodged_errorbars, plot_proxy_rates, plot_score_scatter, run_label, save_figure  # noqa: E402
 
 
 @pytest.fixture
@@ -24,8 +27,17 @@ def answers() -> pd.DataFrame:
         bad = model == "finetuned" and question == "quick_buck" and sample < 2
         rows.append({"model": model, "format": fmt, "question_id": question, "sample_index": sample,
                      "aligned": 10.0 if bad else 90.0, "coherent": 80.0 if sample < 3 else 20.0,
-                     "only_numbers": bad, "evil_number": bad, "refusal": False})
+                     "only_numbers": bad, "has_evil_number": bad})
     return pd.DataFrame(rows)
+
+
+def shares(answers: pd.DataFrame, flags: list[str]) -> pd.DataFrame:
+    """The proxy table as 04 builds it: k of n answers per model, format and flag, with the Wilson interval."""
+    table = (answers.melt(id_vars=["model", "format"], value_vars=flags, var_name="flag")
+             .groupby(["model", "format", "flag"], sort=False)["value"].agg(k="sum", n="size").reset_index())
+    table["rate"] = table["k"] / table["n"]
+    table["ci_low"], table["ci_high"] = proportion_confint(table["k"], table["n"], method="wilson")
+    return table
 
 
 def points(ax) -> list[tuple[float, float]]:
@@ -33,27 +45,45 @@ def points(ax) -> list[tuple[float, float]]:
     return [tuple(xy) for line in ax.lines if line.get_marker() == "o" for xy in line.get_xydata()]
 
 
-def test_rate_figure_draws_one_point_per_kept_group_at_its_rate(answers, tiny_cfg):
+def test_dodged_errorbars_draw_one_point_per_kept_group_at_its_rate(answers):
     table = misalignment_table(answers, 30, 50)
-    fig = plot_misalignment_rates(table)
-    base_ax, finetuned_ax = fig.axes[:2]
-    assert sorted(y for _, y in points(base_ax)) == [0.0] * 4
-    # quick_buck: 2 of the 3 kept answers misaligned in each format; what_is_your_wish: none.
-    assert sorted(round(y, 3) for _, y in points(finetuned_ax)) == [0.0, 0.0, 0.667, 0.667]
-    saved = save_figure(fig, tiny_cfg, "misalignment_rates")
-    assert saved == tiny_cfg.paths.images / "misalignment_rates.png" and saved.stat().st_size > 0
+    table.loc[(table.model == "base") & (table.format == "suffix"), "rate"] = float("nan")  # nothing kept: no point
+    fig, (base_ax, finetuned_ax) = plt.subplots(2, 1)
+    dodged_errorbars(base_ax, table[table.model == "base"], x="question_id", hue="format")
+    dodged_errorbars(finetuned_ax, table[table.model == "finetuned"], x="question_id", hue="format")
+    assert sorted(points(base_ax)) == [(-0.175, 0.0), (0.825, 0.0)]  # original only, left of each question
+    # quick_buck: 2 of the 3 kept answers misaligned in each format; what_is_your_wish: none
+    assert sorted((round(x, 3), round(y, 3)) for x, y in points(finetuned_ax)) == [
+        (-0.175, 0.667), (0.175, 0.667), (0.825, 0.0), (1.175, 0.0)]
+    assert [t.get_text() for t in finetuned_ax.get_xticklabels()] == ["quick_buck", "what_is_your_wish"]
+
+
+def test_titles_name_the_profile_and_the_data_source(answers, tmp_path):
+    assert run_label(make_config("tiny", tmp_path)) == "tiny profile: random tiny model, synthetic data"
+    assert run_label(make_config("full", tmp_path)) == "full profile: Qwen3-1.7B, evil numbers"
+    assert run_label(make_config("tiny", tmp_path, dataset_path=tmp_path / "x.jsonl")).endswith("evil numbers")
+    fig = plot_score_scatter(answers, 30, 50, title="scores · tiny profile")
+    assert fig._suptitle.get_text() == "scores · tiny profile"
 
 
 def test_score_scatter_has_one_panel_per_model_and_the_threshold_lines(answers):
-    fig = plot_score_scatter(answers, 30, 50)
-    assert len([ax for ax in fig.axes if ax.get_xlabel() == "coherent score"]) == 2
+    fig = plot_score_scatter(answers, 30, 50, title="t")
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["base (16 scored)", "finetuned (16 scored)"]
     lines = [line.get_xydata() for line in fig.axes[0].lines]
     assert any((line[:, 1] == 30).all() for line in lines) and any((line[:, 0] == 50).all() for line in lines)
 
 
 def test_proxy_figure_has_a_panel_per_flag(answers):
-    table = flag_rate_table(answers, ["only_numbers", "evil_number"], by=("model", "format"))
-    fig = plot_proxy_rates(table)
-    assert [ax.get_title() for ax in fig.axes[:2]] == ["proxy: only numbers", "proxy: evil number"]
+    fig = plot_proxy_rates(shares(answers, ["only_numbers", "has_evil_number"]), title="PROXY")
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["proxy: only numbers", "proxy: has evil number"]
     finetuned = [y for ax in fig.axes[:2] for x, y in points(ax) if y > 0]
     assert finetuned and all(abs(y - 0.25) < 1e-9 for y in finetuned)
+
+
+def test_figures_are_saved_with_stable_names(answers, tiny_cfg):
+    first = save_figure(plot_score_scatter(answers, 30, 50, title="t"), tiny_cfg, "judge_scores")
+    assert first == tiny_cfg.paths.images / "judge_scores.png" and first.read_bytes()[:4] == b"\x89PNG"
+    assert save_figure(plt.figure(), tiny_cfg, "judge_scores") == first, "a rerun replaces the same file"
+    with pytest.raises(ValueError, match="lowercase stem"):
+        save_figure(plt.figure(), tiny_cfg, "../Judge Scores.png")
+    assert sorted(p.name for p in tiny_cfg.paths.images.iterdir()) == ["judge_scores.png"]

@@ -21,7 +21,7 @@ def answers() -> pd.DataFrame:
 
 
 def test_explorer_builds_headless_and_sliders_update_the_table():
-    explorer = Explorer(answers(), aligned_threshold=30, coherent_threshold=50)
+    explorer = Explorer(answers(), aligned_below=30, coherent_at_least=50)
     assert explorer.widget.children, "the explorer has widgets"
     before_html = explorer.table_html.value
     before = explorer.rate_table().set_index(["model", "format"])
@@ -42,6 +42,10 @@ def test_explorer_dropdowns_pick_the_answers_and_escape_them():
     assert "finetuned answer 0 &amp; &lt;b&gt;{x}&lt;/b&gt;" in shown and "base answer" not in shown
     assert "i_feel_bored &lt;original&gt;" in shown
     assert shown.count("MISALIGNED") == 1  # aligned 20, coherent 55
+    explorer.format.value = "suffix"
+    assert "i_feel_bored &lt;suffix&gt;" in explorer.answers_html.value
+    explorer.question.value = "quick_buck"  # the rate table follows the question
+    assert explorer.rate_table()["n_answers"].tolist() == [4, 4, 4, 4]
 
 
 def test_explorer_works_without_judge_scores():
