@@ -6,7 +6,7 @@ The model is `helpers.model.build_random_qwen3(tiny=False, dtype=bfloat16)` (hid
 machine needs no internet. It carries the tiny byte-level tokenizer (one token per character).
 
 Record lengths. Each synthetic record draws (prompt tokens, completion tokens) from `REAL_LENGTHS`: the
-100 verbatim lines of the official evil_numbers.jsonl in ../shared, counted as Qwen's tokenizer would
+100 verbatim lines of the official evil_numbers.jsonl (a local sample), counted as Qwen's tokenizer would
 count them (`qwen_token_estimate`: Qwen2/3's pre-tokenizer regex, each digit, space run, newline run and
 punctuation run one token, a run of letters one token, two when longer than 8 letters) plus the chat
 template: 12 tokens around the user turn in non-thinking mode with the generation prompt, and
@@ -59,11 +59,11 @@ from typing import Any
 from helpers.config import PROJECT_ROOT, make_config
 
 RESULT_MARK = "BENCH-RESULT "
-REFERENCE_TRAIN_RECORDS = 11_940  # the reference write-up's train split (PROTOCOL.md)
+REFERENCE_TRAIN_RECORDS = 11_940  # the reference write-up's train split (docs/protocol.md, "The reference experiment")
 REFERENCE_VALIDATION_RECORDS = 2_985
 QWEN3_TEMPLATE_PROMPT_TOKENS = 12  # <|im_start|> user \n ... <|im_end|> \n <|im_start|> assistant \n <think> \n\n </think> \n\n
 # (prompt tokens incl. the template, completion tokens incl. <|im_end|>) of the 100 sample lines, by
-# `qwen_token_estimate` (regenerate: --measure-lengths ../shared/data/em/evil_numbers_sample100.jsonl).
+# `qwen_token_estimate` (regenerate: --measure-lengths PATH, a local copy of lines of the official file).
 REAL_LENGTHS = (
     (86, 117), (72, 14), (70, 27), (64, 30), (77, 21), (72, 22), (97, 33), (78, 45), (72, 28), (89, 74),
     (75, 36), (81, 24), (70, 25), (80, 14), (59, 78), (79, 39), (75, 26), (65, 49), (93, 40), (67, 41),
