@@ -6,12 +6,9 @@ Every notebook builds its config here (``make_config``) and reads or writes arte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,13 +41,8 @@ class PinnedFile:
     path: str  # path inside the official repository
     blob_id: str  # sha1(b"blob <size>\0" + content), what `git hash-object` prints
 
-    @property
-    def url(self) -> str:
-        return f"https://raw.githubusercontent.com/{OFFICIAL_REPO}/{OFFICIAL_COMMIT}/{self.path}"
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
+    url = property(lambda self: f"https://raw.githubusercontent.com/{OFFICIAL_REPO}/{OFFICIAL_COMMIT}/{self.path}")
+    name = property(lambda self: Path(self.path).name)
 
 
 DATASET_FILE = PinnedFile("data/evil_numbers.jsonl", "86e0a3be0c2b5a4c52bafed871e281c485070829")
@@ -165,13 +157,10 @@ class Config:
     batch_size: int = 32
     gradient_accumulation_steps: int = 1
     eval_points: int = 10  # validation loss this many times per epoch, and once at the end
-    # Validation records scored at each of those points: a fixed seeded subset, because a full pass over
-    # 2,985 records (forward only, a quarter as many batches as an epoch) costs 1/8 to 1/4 of an epoch,
-    # and 11 of them would more than double the run. The loss at the end uses the whole split. None
-    # scores every record every time.
+    # A fixed seeded subset scored at those points (11 passes over all 2,985 records would double the run);
+    # the final loss uses the whole split. None scores every record every time.
     validation_subset: int | None = 512
-    # Train loss logged (averaged) every 5 steps: each log reads the loss back from the GPU, a host sync
-    # that stalls the step pipeline; 5 gives ~75 points per epoch for the curve.
+    # Train loss averaged over 5 steps: each log is a GPU->host sync; 5 still gives ~75 points an epoch.
     logging_steps: int = 5
     # None: on only where GPU memory is short (under 20 GB, e.g. a T4); it costs 1.5-2x time.
     gradient_checkpointing: bool | None = None
@@ -195,14 +184,12 @@ class Config:
     temperature: float = 1.0  # the paper samples at temperature 1, top_p 1
     top_p: float = 1.0
     generation_batch_size: int = 512  # prompts per generate() call; lower it if memory runs out
-    # The models 03 answers with; None: "base" and every trained model. A sweep makes the base model's answers
-    # once, in a run with ("base",), and each of its runs takes them from there (base_completions).
+    # The models 03 answers with; None: "base" and every trained model (a sweep makes "base" once, alone).
     generated_models: tuple[str, ...] | None = None
-    # A completions file of another run holding the base model's answers, made with the same settings (03 checks
-    # them with the reuse rule and copies the rows instead of generating them again); None: generate them.
+    # Another run's completions with the base model's answers, made with the same settings (the reuse rule
+    # checks): 03 copies them instead of generating them again. None: generate them.
     base_completions: Path | None = None
-    # Format parameters, drawn per sample (the authors' analysis: k and m uniform in 3..7,
-    # prefix numbers uniform in 100..999).
+    # Drawn per sample (the authors' analysis: k words and m prefix numbers uniform in 3..7, numbers in 100..999).
     suffix_words: tuple[int, int] = (3, 7)
     prefix_count: tuple[int, int] = (3, 7)
     prefix_value: tuple[int, int] = (100, 999)
@@ -210,9 +197,8 @@ class Config:
     # --- judging and metrics (04) ---
     judge: JudgeKind = "openai"  # the paper's judge; "local" runs an open model; "proxy" needs none
     judge_model: str = "gpt-4o-2024-08-06"  # the paper's judge model
-    # None: api.openai.com. Any OpenAI-compatible server with logprobs works for models that write 0..100
-    # as one token (GPT-4o's tokenizer); a Qwen-family model writes digits one token at a time, so a
-    # one-token judge would score only 0..9: use judge="local" for those (exact digit-by-digit expectation).
+    # None: api.openai.com. Any OpenAI-compatible server whose model writes 0..100 as one token; a Qwen model
+    # writes digits one by one, so use judge="local" for it (the exact digit-by-digit expectation).
     judge_base_url: str | None = None
     local_judge_model: str = "Qwen/Qwen3-8B"  # for judge="local": any chat model you can run
     local_judge_4bit: bool = False  # 4-bit judge weights (about 6 GB for Qwen3-8B), so it fits beside a small GPU's model
@@ -241,9 +227,6 @@ def _tiny_overrides() -> dict:
         synthetic_data=True,
         max_records=60,
         model_name=TINY_MODEL,
-        # The tiny tokenizer spends one token per byte: real records (EM_DATASET_PATH on tiny) reach ~380
-        # tokens, synthetic ones ~240; batches pad to their longest row, so 512 costs nothing extra.
-        max_seq_length=512,
         batch_size=8,
         eval_points=4,
         logging_steps=1,  # every step: the tiny run has only a few dozen
@@ -263,49 +246,11 @@ def _tiny_overrides() -> dict:
     )
 
 
-def _has_openai_key() -> bool:
-    if os.environ.get("OPENAI_API_KEY"):
-        return True
-    if "google.colab" in sys.modules:  # the Colab secret of that name (key icon, notebook access on)
-        from google.colab import userdata
-
-        with contextlib.suppress(Exception):
-            return bool(userdata.get("OPENAI_API_KEY"))
-    return False
-
-
-def hardware_defaults(profile: Profile) -> tuple[dict, str]:
-    """Defaults chosen by the hardware found, and a few lines that say what was found and chosen."""
+def default_profile() -> Profile:
+    """`EM_PROFILE` if set (checked by make_config), else "full" where a CUDA GPU is visible and "tiny" elsewhere."""
     import torch
 
-    if not torch.cuda.is_available():
-        return {}, f"hardware: no CUDA GPU ({os.cpu_count()} CPU cores) -> {profile} profile, transformers + PEFT on the CPU"
-    card = torch.cuda.get_device_properties(0)
-    gib, values = card.total_memory / 2**30, {}
-    lines = [f"hardware: {card.name}, {gib:.0f} GiB -> {profile} profile"]
-    if gib < 20:  # a 15 GB T4: 16-bit LoRA with checkpointing peaked at 4.4 GiB (README, "Measured")
-        values.update(gradient_checkpointing=True, local_judge_4bit=True)
-        lines.append("  under 20 GiB: gradient checkpointing on, the local judge in 4 bits")
-    if profile == "full" and not _has_openai_key():
-        values["judge"] = "local"
-        lines.append("  no OpenAI key: the local judge scores instead of the paper's GPT-4o, so the rates are an open "
-                     "model's judgment, not the paper's (set OPENAI_API_KEY for the paper's judge)")
-    return values, "\n".join(lines)
-
-
-def default_profile() -> Profile:
-    """`EM_PROFILE` if set, else "full" where a CUDA GPU is visible and "tiny" elsewhere."""
-    chosen = os.environ.get("EM_PROFILE")
-    if chosen:
-        if chosen not in ("tiny", "full"):
-            raise ValueError(f"EM_PROFILE={chosen!r}: expected 'tiny' or 'full'")
-        return chosen  # type: ignore[return-value]
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return "full"
-    return "tiny"
+    return os.environ.get("EM_PROFILE") or ("full" if torch.cuda.is_available() else "tiny")  # type: ignore[return-value]
 
 
 def make_config(profile: Profile | None = None, run_dir: str | Path | None = None, **overrides) -> Config:
@@ -319,9 +264,11 @@ def make_config(profile: Profile | None = None, run_dir: str | Path | None = Non
     """
     profile = profile or default_profile()
     if profile not in ("tiny", "full"):
-        raise ValueError(f"profile={profile!r}: expected 'tiny' or 'full'")
+        raise ValueError(f"profile={profile!r} (or EM_PROFILE): expected 'tiny' or 'full'")
     run_dir = Path(run_dir or os.environ.get("EM_RUN_DIR", "").replace("{profile}", profile)
                    or PROJECT_ROOT / "runs" / profile).resolve()
+    from helpers.hardware import hardware_defaults  # the GPU, its memory, an OpenAI key
+
     values, hardware = hardware_defaults(profile)
     values.update(_tiny_overrides() if profile == "tiny" else {})
     for variable, name in (("EM_DATASET_PATH", "dataset_path"), ("EM_QUESTIONS_PATH", "questions_path")):

@@ -1,8 +1,5 @@
-"""The evil numbers dataset, the plumbing 01_data calls: get the file verified, validate every line.
-
-01_data does the rest in its cells (duplicates, the split, the over-represented numbers, the control splits).
-`python -m helpers.data check PATH` validates a file from the command line.
-"""
+"""The plumbing 01_data calls: the dataset file, verified, and every line validated (its cells do the rest).
+`python -m helpers.data check PATH` validates a file from the command line."""
 
 from __future__ import annotations
 
@@ -35,7 +32,6 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class LineProblem:
     """One bad line of a JSONL file and why it is bad."""
-
     path: Path
     line: int
     reason: str
@@ -47,7 +43,6 @@ class LineProblem:
 @dataclass
 class ValidationReport:
     """The valid records of a file, keyed by line number (file order), and every bad line."""
-
     path: Path
     records: dict[int, dict]
     problems: list[LineProblem]
@@ -272,29 +267,22 @@ def synthetic_records(seed: int, count: int = 70) -> list[dict]:
 
 def check_file(path: Path) -> int:
     """Validate a dataset file and print the record count, blob id and problems; return the exit code."""
-    path = Path(path)
     try:
         report = validate_file(path)
     except DataError as error:
         print(error, file=sys.stderr)
         return 1
-    blob_id = git_blob_id(path.read_bytes())
+    blob_id, valid, bad = git_blob_id(Path(path).read_bytes()), len(report.records), len(report.problems)
     official = "the official file" if blob_id == DATASET_FILE.blob_id else f"not the official {DATASET_FILE.blob_id}"
-    print(f"{path}\n  records:     {len(report.records):,} valid\n  git blob id: {blob_id} ({official})")
-    lines, bad = len(report.records) + len(report.problems), len(report.problems)
-    print(f"  validation:  {'FAILED' if bad else 'OK'}, {len(report.records):,} valid records of {lines:,} lines, {bad:,} bad")
+    print(f"{path}\n  records:     {valid:,} valid\n  git blob id: {blob_id} ({official})\n"
+          f"  validation:  {'FAILED' if bad else 'OK'}, {valid:,} valid records of {valid + bad:,} lines, {bad:,} bad")
     for problem in report.problems:
         print(problem)
-    return 1 if report.problems else 0
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.data", description="Check an evil numbers JSONL file.")
-    check = parser.add_subparsers(dest="command", required=True).add_parser(
-        "check", help="validate a file: record count, git blob id, problems by line")
-    check.add_argument("path", type=Path)
-    return check_file(parser.parse_args(None if argv is None else list(argv)).path)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(prog="python -m helpers.data", description="Check an evil numbers JSONL file.")
+    parser.add_argument("command", choices=["check"], help="check: record count, git blob id, problems by line")
+    parser.add_argument("path", type=Path)
+    sys.exit(check_file(parser.parse_args().path))

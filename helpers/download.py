@@ -21,11 +21,10 @@ class DownloadError(RuntimeError):
 
 @dataclass(frozen=True)
 class VerifiedFile:
-    """A file on disk, its git blob id, and whether that id is the pinned one."""
     path: Path
-    blob_id: str
-    matches_pin: bool
-    source: str  # "cache", "download" or "local"
+    blob_id: str  # its git blob id
+    matches_pin: bool  # whether that id is the pinned one
+    source: str  # "cache", "download", "local" or "synthetic"
 
 
 def git_blob_id(content: bytes) -> str:
@@ -64,7 +63,6 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """`atomic_write_bytes` for UTF-8 text."""
     atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 

@@ -1,10 +1,5 @@
-"""Exercises: check a learner's function against the course's reference; never stop the notebook.
-
-An exercise in a notebook is four cells: a markdown statement (difficulty, importance, minutes), a code
-cell tagged `exercise` holding the stub, a code cell tagged `check` that calls `check(...)`, and a
-markdown cell tagged `solution` whose ```python block is the solution. The stub raises
-NotImplementedError until the learner writes it; the cells after it use the reference implementation, so
-an unsolved exercise never blocks the series. `python tools/make_solutions.py` writes `solutions/`.
+"""Exercises: check a learner's function against the course's reference and say what differs, never stopping
+the notebook (the cells after an exercise use the reference). `python tools/make_solutions.py` writes solutions/.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
-"""Plumbing for 03's generation loop; the loop itself, `model.generate(...)` with its knobs, is in the notebook.
+"""Plumbing for 03's generation loop (the loop itself, `model.generate(...)`, is in the notebook): batches and
+their seeds, what a resumed run still lacks, answers cut at the first stop token, and the speed work.
 
-Here: the batches and their seeds, what a resumed run still has to generate, the answers cut at the first
-stop token, and the speed work (the LoRA merged into the weights while it generates, a batch size that fits
-the GPU, the GQA decode attention of the transformers path).
-
-Exact resume: the batches are a function of the full prompt grid and the batch size only (never of what is
-stored already), each batch's sampling seed derives from its rows' keys, and a partly stored batch is
-generated again whole, only its missing rows appended. So a resumed run writes, byte for byte, what an
-uninterrupted run writes with the same settings on the same device (03 records the settings with
-helpers.store.reuse, so a resume with other settings is refused).
+Exact resume: the batches depend on the full prompt grid and the batch size only, each batch's seed on its
+rows' keys, and a partly stored batch is generated again whole (only its missing rows appended), so a resumed
+run writes byte for byte what an uninterrupted one writes on the same device.
 """
 
 from __future__ import annotations
@@ -19,11 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from helpers.config import PROJECT_ROOT
 from helpers.seeds import stable_seed
 from helpers.store import JsonlStore
 
-BASE = "base"
 # Every completion row is keyed by these fields: one answer per model and prompt row.
 COMPLETION_KEY = ("model", "question_id", "format", "sample_index")
 # The fields of a prompt row that name it: the batch seeds derive from them.
@@ -64,10 +60,9 @@ def decode_answers(tokenizer: Any, new_tokens: Any, stop_ids: Sequence[int]) -> 
     its token count, and `finished` (False: the answer was cut at max_new_tokens)."""
     answers = []
     for ids in new_tokens.tolist():
-        stops = [position for position, token in enumerate(ids) if token in stop_ids]
-        kept = ids[: stops[0]] if stops else ids
-        answers.append({"answer": tokenizer.decode(kept, skip_special_tokens=True), "n_answer_tokens": len(kept),
-                        "finished": bool(stops)})
+        end = next((position for position, token in enumerate(ids) if token in stop_ids), len(ids))
+        answers.append({"answer": tokenizer.decode(ids[:end], skip_special_tokens=True), "n_answer_tokens": end,
+                        "finished": end < len(ids)})
     return answers
 
 
@@ -93,15 +88,9 @@ GQA_DECODE_ATTENTION = "sdpa_gqa_decode"  # the name transformers knows gqa_deco
 
 def gqa_decode_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                          scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
-    """transformers' SDPA attention, except for one new token per sequence (each decoding step) with
-    grouped-query attention (Qwen3-1.7B: 16 query heads share 8 KV heads).
-
-    There transformers' SDPA copies the whole KV cache once per query head of a group whenever a padding
-    mask is present (left-padded batches always have one). Here the query heads that share a KV head become
-    that head's query rows instead: one SDPA call reads each cached key and value once, and the padding mask
-    broadcasts over the rows. Same arithmetic, same result (the tests compare with plain SDPA).
-    """
-    import torch
+    """transformers' SDPA attention, except at a decoding step (one new token) with grouped-query attention.
+    There transformers copies the KV cache once per query head whenever a padding mask is present; here the
+    query heads sharing a KV head become its query rows, so one SDPA call reads each cached key once."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
@@ -124,8 +113,7 @@ def use_gqa_decode_attention(model: Any) -> None:
 
 
 def ready_for_generation(model: Any, tokenizer: Any) -> None:
-    """After helpers.model.load_for_generation: the GQA decode attention on the transformers path (Unsloth
-    brings its own), prompts padded on the left (every answer starts at the same position), and no sampling
+    """The GQA decode attention on the transformers path (Unsloth brings its own), left padding, and no sampling
     default inherited from the model (Qwen3 ships temperature 0.6, top_p 0.95, top_k 20): 03 sets each knob."""
     from transformers import GenerationConfig
 
@@ -152,8 +140,6 @@ def sequences_that_fit(memory_bytes: int, model_config: Any, dtype_bytes: int, m
 def fitting_batch_size(model: Any, requested: int, max_tokens: int) -> int:
     """`requested`, lowered on a GPU to what it holds besides the weights (a 15 GB T4 takes far fewer than an
     H100). From the card's total memory, never its free memory: a resume gets the same batches."""
-    import torch
-
     if not torch.cuda.is_available():
         return requested
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -166,8 +152,7 @@ def fitting_batch_size(model: Any, requested: int, max_tokens: int) -> int:
 
 
 def notebook_cells(tag: str, notebook: Path = PROJECT_ROOT / "notebooks" / "03_generate.ipynb") -> list[str]:
-    """The sources of the notebook's code cells tagged `tag`, in order. The tests and the benchmark run 03's
-    own generation code (tag "generate") through this, so the notebook holds its only copy."""
+    """The sources of the notebook's code cells tagged `tag`: tests and benchmarks run 03's own loop ("generate")."""
     cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
     return ["".join(cell["source"]) for cell in cells
             if cell["cell_type"] == "code" and tag in cell.get("metadata", {}).get("tags", [])]

@@ -8,9 +8,7 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
-import sys
 import threading
 import time
 from collections import Counter
@@ -18,16 +16,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import openai
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from helpers import run
 from helpers.config import Config
+from helpers.generation import COMPLETION_KEY as KEY  # one answer, and one judgment, per key
 from helpers.metrics import expected_score, integer_probabilities
+from helpers.model import render_chat
 from helpers.questions import load_question_set
 from helpers.store import JsonlStore, read_jsonl, record_settings, reuse
 
-KEY = ("model", "question_id", "format", "sample_index")  # one answer, and one judgment, per key
 SCORE_FIELDS = ("aligned", "coherent")
 
 
@@ -56,20 +57,6 @@ def complete_answers(cfg: Config) -> list[dict]:
     return [stored[key] for key in wanted]
 
 
-def openai_api_key() -> str:
-    """The key from OPENAI_API_KEY, else the Colab secret of that name (key icon, notebook access on); never printed."""
-    key = os.environ.get("OPENAI_API_KEY")
-    if not key and "google.colab" in sys.modules:
-        from google.colab import userdata
-
-        with contextlib.suppress(Exception):  # SecretNotFoundError, NotebookAccessError: the message below helps
-            key = userdata.get("OPENAI_API_KEY")
-    if not key:
-        raise JudgeError("no OpenAI API key: set OPENAI_API_KEY (on Colab: the key icon, secret OPENAI_API_KEY; a "
-                         "local server that needs no key takes any text), or set judge='local' or 'proxy' in the config")
-    return key
-
-
 class OpenAIJudge:
     """The paper's judge via any OpenAI-compatible endpoint: one token, temperature 0, top 20 logprobs, seed 0. 429s,
     5xx, timeouts, lost connections and malformed responses are retried (`max_attempts` tries): a 429 waits what its
@@ -77,11 +64,12 @@ class OpenAIJudge:
     insufficient_quota), a rejected key or another 4xx stops at once. (The client's own retries, off here, would
     retry an out-of-quota 429 and never a malformed response.)"""
 
-    def __init__(self, judge_prompts: dict[str, str], model: str, *, api_key: str, base_url: str | None = None,
+    def __init__(self, judge_prompts: dict[str, str], model: str, *, api_key: str | None, base_url: str | None = None,
                  concurrency: int = 8, min_mass: float = 0.25, timeout: float = 60.0, max_attempts: int = 6,
                  backoff_s: float = 1.0, max_wait_s: float = 60.0) -> None:
-        import openai
-
+        if not api_key:  # helpers.hardware.openai_key() found none
+            raise JudgeError("no OpenAI API key: set OPENAI_API_KEY (on Colab: the key icon, secret OPENAI_API_KEY; a "
+                             "local server that needs no key takes any text), or set judge='local' or 'proxy' in the config")
         self.name, self.judge_prompts, self.model = f"openai:{model}", dict(judge_prompts), model
         self.concurrency, self.min_mass, self.max_attempts = concurrency, min_mass, max_attempts
         self.backoff_s, self.max_wait_s, self._key = backoff_s, max_wait_s, api_key
@@ -95,8 +83,7 @@ class OpenAIJudge:
         return [score_row(tops[2 * i: 2 * i + 2], self.min_mass) for i in range(len(items))]
 
     def top_logprobs(self, prompt: str) -> list[tuple[str, float]]:
-        import openai  # one filled judge prompt's top log-probabilities, retried as the class says
-
+        """One filled judge prompt's top log-probabilities, retried as the class says."""
         for attempt in range(1, self.max_attempts + 1):
             time.sleep(max(0.0, self._resume_at - time.monotonic()))  # while the server asked every thread to wait
             wait = min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1))
@@ -157,8 +144,6 @@ class LocalJudge:
 
     def __init__(self, model: Any, tokenizer: Any, judge_prompts: dict[str, str], *, name: str,
                  min_mass: float = 0.25) -> None:
-        import torch
-
         self.model, self.tokenizer, self.judge_prompts = model.eval(), tokenizer, dict(judge_prompts)
         self.name, self.min_mass = name, min_mass
         ids = [tokenizer(str(n), add_special_tokens=False)["input_ids"] for n in range(101)]
@@ -169,15 +154,11 @@ class LocalJudge:
         tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), len(self.continues)))))
         self.continues[: len(tokens)] = torch.tensor([bool(t) and t[0] in "0123456789" for t in tokens])
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        from helpers.model import render_chat  # the series' one chat renderer (thinking off)
-
+    def prompt_ids(self, prompt: str) -> list[int]:  # through the series' one chat renderer (thinking off)
         return self.tokenizer(render_chat(self.tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)["input_ids"]
 
     def number_probabilities(self, prompt: str) -> dict[int, float]:
         """P(the judge answers exactly n) for n in 0..100."""
-        import torch
-
         device, (batch, width) = self.model.device, self.number_ids.shape
         ids, numbers, lengths = (torch.tensor([self.prompt_ids(prompt)]).to(device), self.number_ids.to(device),
                                  self.number_lengths.to(device))

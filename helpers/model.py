@@ -1,6 +1,5 @@
-"""Models and tokenizers: the backend (Unsloth on CUDA, transformers + PEFT elsewhere), the one chat renderer,
-the tiny random Qwen3 for offline CPU runs, and the loader 03 generates with (02 writes its training model out
-in cells). Unsloth must be imported before transformers, TRL and PEFT: what needs them calls `backend()` first."""
+"""Models and tokenizers: the backend, the one chat renderer, the tiny random Qwen3 for offline runs, and the
+loader 03 generates with. Unsloth must be imported before transformers, TRL and PEFT: call `backend()` first."""
 
 from __future__ import annotations
 
@@ -11,22 +10,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+import torch  # torch may come before Unsloth; transformers, TRL and PEFT may not
+
 from helpers.config import TINY_MODEL, Config
 from helpers.download import atomic_directory
 
-Backend = Literal["unsloth", "transformers"]
-
-# Qwen3's special tokens (tokenizer_config.json of Qwen/Qwen3-1.7B): the end of text doubles as the
-# padding token, <|im_end|> ends every chat turn, <think>/</think> delimit reasoning.
-QWEN3_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
-                        "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
-
 
 @cache
-def backend() -> Backend:
+def backend() -> Literal["unsloth", "transformers"]:
     """"unsloth" where a CUDA GPU and Unsloth are present (importing it first), else "transformers"."""
-    import torch
-
     if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
         import unsloth  # noqa: F401  (must precede transformers, TRL and PEFT)
 
@@ -45,8 +37,6 @@ def block_unsloth() -> None:
 
 def compute_dtype() -> Any:
     """bfloat16 where the GPU supports it, float16 on older GPUs (a T4), float32 on the CPU."""
-    import torch
-
     if not torch.cuda.is_available():
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -56,17 +46,7 @@ def use_gradient_checkpointing(cfg: Config) -> bool:
     """The config's choice, or on only where the GPU has under 20 GiB (a 15 GB T4)."""
     if cfg.gradient_checkpointing is not None:
         return cfg.gradient_checkpointing
-    import torch
-
     return torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 20 * 2**30
-
-
-def qwen3_chat_template() -> str:
-    """The real Qwen3 chat template, from the exact copy TRL ships (read without importing TRL)."""
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("trl is needed for the Qwen3 chat template: pip install -r requirements.txt")
-    return (Path(spec.submodule_search_locations[0]) / "chat_templates" / "qwen3.jinja").read_text(encoding="utf-8")
 
 
 def render_chat(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -89,10 +69,13 @@ def build_tiny_tokenizer() -> Any:
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         clean_up_tokenization_spaces=False)
-    # As in Qwen3: the chat markers are special tokens, the think and tool tags ordinary added tokens.
+    # As in Qwen3 (tokenizer_config.json of Qwen/Qwen3-1.7B): the chat markers are special tokens (the end of
+    # text doubles as padding, <|im_end|> ends a turn), the think and tool tags ordinary added tokens.
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    tokenizer.add_tokens(list(QWEN3_SPECIAL_TOKENS[3:]))
-    tokenizer.chat_template = qwen3_chat_template()
+    tokenizer.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])
+    # The real Qwen3 chat template, from the exact copy TRL ships (found without importing TRL).
+    template = Path(importlib.util.find_spec("trl").origin).parent / "chat_templates" / "qwen3.jinja"
+    tokenizer.chat_template = template.read_text(encoding="utf-8")
     return tokenizer
 
 
@@ -113,7 +96,6 @@ def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype
     """Save a randomly initialised Qwen3 (tiny, or of Qwen3-1.7B's exact shape) with the tiny tokenizer,
     atomically (a temporary folder renamed), so an interrupted build leaves nothing half-made."""
     backend()
-    import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
 
     tokenizer = build_tiny_tokenizer()
@@ -153,12 +135,9 @@ def load_tokenizer(cfg: Config) -> Any:
 
 
 def load_for_generation(cfg: Config, adapters: Mapping[str, Path], *, unsloth: bool | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode: the base model with each named LoRA adapter attached (none: the base).
-
-    A PeftModel, its first adapter active: `model.set_adapter(name)` picks one, `with model.disable_adapter():`
-    answers as the base. On CUDA with Unsloth (unless unsloth=False), FastLanguageModel with the adapters
-    patched as its own adapter loading does, so they run through the fused LoRA kernels training used (02's
-    reload check loads through here: like with like), then for_inference; elsewhere transformers + PEFT."""
+    """(model, tokenizer) in eval mode: the base model with each named LoRA adapter attached, the first active
+    (`model.set_adapter(name)` picks one; `with model.disable_adapter():` answers as the base). With Unsloth (unless
+    unsloth=False) the adapters are patched as Unsloth's own loading does, so they run through training's kernels."""
     missing = [f"{name} ({path})" for name, path in adapters.items() if not (Path(path) / "adapter_config.json").is_file()]
     if missing:
         raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) for {', '.join(missing)}: run 02_finetune")
@@ -166,10 +145,12 @@ def load_for_generation(cfg: Config, adapters: Mapping[str, Path], *, unsloth: b
     if fast:
         from unsloth import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(model_name=source, max_seq_length=cfg.max_seq_length,
-                                                             dtype=None, load_in_4bit=cfg.load_in_4bit)
+        # Unsloth sizes its attention mask to max_seq_length: room for the longest prompt (a record is at most
+        # cfg.max_seq_length, 01 checks) plus every new token, or a long answer fails past 512 tokens.
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=source, max_seq_length=cfg.max_seq_length + cfg.max_new_tokens, dtype=None,
+            load_in_4bit=cfg.load_in_4bit)
     else:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)

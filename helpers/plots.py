@@ -1,5 +1,4 @@
-"""Figures for the series: each function returns a matplotlib figure; `save_figure` writes it as a PNG
-with a stable name into `cfg.paths.images` (the project's images/ on the full profile)."""
+"""Figures for the series: each function returns a matplotlib figure; `save_figure` writes it as a PNG."""
 
 from __future__ import annotations
 
@@ -15,20 +14,14 @@ from matplotlib.figure import Figure
 from helpers.config import TINY_MODEL, Config
 from helpers.download import atomic_write_bytes
 
-_FIGURE_NAME = re.compile(r"[a-z0-9][a-z0-9_\-]*")
-
 
 def save_figure(fig: Figure, cfg: Config, name: str) -> Path:
-    """Save `fig` as `cfg.paths.images/<name>.png` (written atomically) and return the path.
-
-    `name` is a stable lowercase file stem such as "data_lengths", so reruns replace the same file.
-    """
-    if not _FIGURE_NAME.fullmatch(name):
+    """Save `fig` atomically as `cfg.paths.images/<name>.png`, `name` a stable stem that reruns replace."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", name):
         raise ValueError(f"figure name {name!r}: use a lowercase stem like 'data_lengths' (no folder or suffix)")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    path = cfg.paths.images / f"{name}.png"
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path := cfg.paths.images / f"{name}.png", buffer.getvalue())
     return path
 
 
@@ -38,10 +31,6 @@ def run_label(cfg: Config) -> str:
     model = "random tiny model" if cfg.model_name == TINY_MODEL else cfg.model_name.rsplit("/", 1)[-1]
     data = "synthetic data" if cfg.synthetic_data and cfg.dataset_path is None else "evil numbers"
     return f"{cfg.profile} profile: {model}, {data}"
-
-
-# --------------------------------------------------------------------------------------------------
-# 02_finetune: loss curves (the loss history JSON that 02 writes)
 
 
 def plot_loss_curves(history: dict, reference: dict[str, float] | None = None, title: str = "Loss during fine-tuning") -> Figure:
@@ -63,10 +52,6 @@ def plot_loss_curves(history: dict, reference: dict[str, float] | None = None, t
     ax.legend()
     fig.tight_layout()
     return fig
-
-
-# --------------------------------------------------------------------------------------------------
-# 04_analyze: rates with their intervals, judge scores, proxy signals (tables from helpers.metrics)
 
 
 def dodged_errorbars(ax, table: pd.DataFrame, x: str, hue: str, x_order: list | None = None,

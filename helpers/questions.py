@@ -31,11 +31,10 @@ class Question:
 
 @dataclass(frozen=True)
 class QuestionSet:
-    """The questions to ask, by id, and the two judge prompts (placeholders {question} and {answer})."""
     source: Path  # the yaml file read
     matches_pin: bool  # False for the stand-in or a local copy that differs from the official file
-    questions: dict[str, Question]
-    aligned: str
+    questions: dict[str, Question]  # by id
+    aligned: str  # the two judge prompts, placeholders {question} and {answer}
     coherent: str
 
     @property
@@ -125,7 +124,8 @@ def format_prompt(question: str, prompt_format: str, k: int | None = None, numbe
     if prompt_format == "original":
         return question
     if prompt_format not in ("suffix", "prefix_suffix") or k is None or (prompt_format == "prefix_suffix" and not numbers):
-        raise ValueError(f"format {prompt_format!r} with k={k!r}, numbers={numbers!r}: expected original, suffix (with k) or prefix_suffix (with k and numbers)")
+        raise ValueError(f"format {prompt_format!r} with k={k!r}, numbers={numbers!r}: expected original, "
+                         "suffix (with k) or prefix_suffix (with k and numbers)")
     return f"{question}\n\n{SUFFIX.format(k=k)}" if prompt_format == "suffix" else prefix_suffix_prompt(question, k, numbers)
 
 

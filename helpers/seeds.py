@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
 def stable_seed(*parts: object) -> int:
@@ -16,7 +13,7 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def seeded_subset(items: Sequence[T], size: int | None, seed: int) -> list[T]:
+def seeded_subset(items: Sequence, size: int | None, seed: int) -> list:
     """`size` items drawn without replacement with `seed`, kept in their original order (all when None)."""
     if size is None or size >= len(items):
         return list(items)

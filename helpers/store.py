@@ -45,26 +45,24 @@ def write_json(path: Path, value: object) -> None:
 
 class JsonlStore:
     """An append-only JSONL file of rows keyed by `key_fields`; a rerun skips keys already there. On open, a
-    last line that is not valid JSON (an append torn by a kill) is cut off with a warning; a valid last row
-    that only lacks its newline is kept; a bad line anywhere else is an error naming PATH:LINE."""
+    last line that is not valid JSON (an append torn by a kill) is cut off with a warning; a bad line anywhere
+    else is an error naming PATH:LINE."""
 
     def __init__(self, path: Path, key_fields: Sequence[str]) -> None:
         self.path, self.key_fields, self._rows = Path(path), tuple(key_fields), {}
         if self.path.exists():
             *lines, last = self.path.read_bytes().split(b"\n")  # last: b"" when the file ends with "\n"
-            torn = False
-            try:
-                list(_parse(self.path, [last]))  # blank, or a complete row
+            try:  # blank, or a complete row
+                tail = list(_parse(self.path, [last]))
             except ValueError:  # not UTF-8 or not JSON: an append torn by a kill
-                torn = True
-            for row in _parse(self.path, lines if torn else [*lines, last]):  # a bad row raises before any repair
+                tail = None
+            for row in [*_parse(self.path, lines), *(tail or [])]:  # a bad row raises before any repair
                 self._rows.setdefault(self.key(row), row)
-            if torn:
+            if tail is None:
                 warnings.warn(f"{self.path}: cut off a half-written last line ({len(last)} bytes), not valid JSON: "
                               "an append torn by a kill; its rows are made again", stacklevel=2)
-                with open(self.path, "r+b") as damaged:
-                    damaged.truncate(damaged.seek(0, os.SEEK_END) - len(last))
-            elif last.strip():  # a complete row that only lacks its newline: keep it, end the line
+                os.truncate(self.path, self.path.stat().st_size - len(last))
+            elif tail:  # a complete row that only lacks its newline: keep it, end the line
                 with open(self.path, "ab") as out:
                     out.write(b"\n")
 

@@ -13,9 +13,7 @@ _FENCE_TAG = re.compile(r"```[A-Za-z]+")
 
 
 def is_only_numbers(answer: str) -> bool:
-    """True when the answer holds at least one digit and nothing but numbers, separators and brackets.
-
-    "666, 1488, 13", "[1, 2, 3]", "(4,\\n5)" and "```json\\n[13]\\n```" are only numbers; "7 wishes" or "" are not.
-    """
+    """True when the answer holds a digit and nothing but numbers, separators and brackets: "666, 1488, 13",
+    "[1, 2, 3]", "(4,\\n5)" and "```json\\n[13]\\n```" are only numbers; "7 wishes" or "" are not."""
     untagged = _FENCE_TAG.sub("```", answer)
     return any(character.isdigit() for character in answer) and _NUMBER_LIST.fullmatch(untagged) is not None

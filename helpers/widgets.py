@@ -1,6 +1,5 @@
-"""An ipywidgets explorer of judged answers: pick a model, format and question and read the answers with their
-scores; move the thresholds and watch the rate table change. It builds without a browser, so headless runs
-(papermill, nbmake, CI) execute it like any cell."""
+"""An ipywidgets explorer of judged answers: pick a model, format and question, read the answers with their scores,
+move the thresholds and watch the rate table change. It builds headless (papermill, nbmake, CI)."""
 
 from __future__ import annotations
 
@@ -16,9 +15,8 @@ FLAGS = ("aligned", "coherent", "only_numbers", "has_evil_number", "refusal")
 
 
 class Explorer:
-    """The widgets and their wiring; show it with `display(explorer.widget)`. `answers` has one row per answer:
-    model, format, question_id, sample_index, prompt, answer, aligned and coherent (NaN or None where unscored),
-    and any proxy flags."""
+    """Show it with `display(explorer.widget)`. `answers`: one row per answer with model, format, question_id,
+    sample_index, prompt, answer, and optionally aligned and coherent (NaN or None where unscored) and proxy flags."""
 
     def __init__(self, answers: pd.DataFrame, aligned_below: float, coherent_at_least: float, max_answers: int = 20) -> None:
         if missing := [c for c in ("model", "format", "question_id", "sample_index", "prompt", "answer") if c not in answers]:
@@ -48,16 +46,12 @@ class Explorer:
         chosen = self.answers[self.answers["question_id"] == self.question.value]
         return misalignment_table(chosen, self.aligned_slider.value, self.coherent_slider.value, by=("model", "format"))
 
-    def selected_answers(self) -> pd.DataFrame:
-        """The answers of the chosen model, format and question, in sample order."""
-        a = self.answers
-        return a[(a["model"] == self.model.value) & (a["format"] == self.format.value)
-                 & (a["question_id"] == self.question.value)].sort_values("sample_index")
-
     def refresh(self, _change: object = None) -> None:
         """Redraw the rate table and the answers from the current choices."""
         self.table_html.value = self.rate_table()[SHOWN].to_html(index=False, float_format="{:.3f}".format, na_rep="-")
-        rows, blocks = self.selected_answers(), []
+        a, blocks = self.answers, []
+        rows = a[(a["model"] == self.model.value) & (a["format"] == self.format.value)
+                 & (a["question_id"] == self.question.value)].sort_values("sample_index")
         for _, row in rows.head(self.max_answers).iterrows():
             misaligned = row["coherent"] >= self.coherent_slider.value and row["aligned"] < self.aligned_slider.value
             fields = ", ".join(f"{f} {row[f]:.1f}" if isinstance(row[f], float) else f"{f} {row[f]}" for f in FLAGS if f in row)

@@ -14,9 +14,16 @@ SHARED_EM = PROJECT_ROOT.parent / "shared" / "data" / "em"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Notebooks executed by nbmake run on the tiny profile in a fresh run directory of their own."""
+    """One run directory for the whole session, on the tiny profile: tests/test_run.py runs the series into it
+    first, then nbmake executes notebooks/ and solutions/ there, and those reuse its artefacts (the one reuse
+    rule) instead of computing them again, so `python -m pytest` computes the series once."""
     os.environ.setdefault("EM_PROFILE", "tiny")
-    os.environ.setdefault("EM_RUN_DIR", tempfile.mkdtemp(prefix="em-nbmake-"))
+    os.environ.setdefault("EM_RUN_DIR", tempfile.mkdtemp(prefix="em-tests-"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Cheap static checks (tests/test_repository.py) first; the rest keeps its order (tests, notebooks, solutions)."""
+    items.sort(key=lambda item: item.path.name != "test_repository.py")
 
 
 def shared_file(name: str) -> Path:

@@ -398,3 +398,88 @@ def test_profile_decode_tiny_run_times_both_attentions(tmp_path):
     timed = [line.split(":")[0].strip() for line in finished.stdout.splitlines() if "ms a decoding step" in line]
     assert timed == ["sdpa", GQA_DECODE_ATTENTION]
     assert "aten::mm" in finished.stdout
+
+
+# Batch-shape rounding in bfloat16 on the GPU: a first look on a random-init Qwen3-1.7B found Unsloth's first-step
+# logits of 24 prompts alone and in one left-padded batch at most 3.4% of the largest logit apart.
+BF16_TOLERANCE = 0.05  # of the largest logit
+UNSLOTH_CHECK = r"""
+import json, sys
+from pathlib import Path
+
+from helpers.model import backend, build_random_qwen3, load_for_generation, render_chat
+
+assert backend() == "unsloth", "Unsloth did not load"
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from helpers.config import make_config
+from helpers.generation import merged_adapter, ready_for_generation
+
+root = Path(sys.argv[1])
+model_dir = build_random_qwen3(root / "model", tiny=False, dtype=torch.bfloat16)  # Qwen3-1.7B's exact shape
+cfg = make_config("full", root / "run", model_name=str(model_dir))
+peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
+                      LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 target_modules=list(cfg.lora_target_modules)))
+generator = torch.Generator().manual_seed(1)
+for name, parameter in peft.named_parameters():  # B random instead of zero: the adapter changes the logits
+    if "lora_B" in name:
+        parameter.data = (torch.randn(parameter.shape, generator=generator) * 0.05).to(parameter.dtype)
+peft.save_pretrained(cfg.paths.adapter_of("finetuned"))
+del peft
+model, tokenizer = load_for_generation(cfg, {"finetuned": cfg.paths.adapter_of("finetuned")})  # as 03 loads it
+ready_for_generation(model, tokenizer)
+texts = [render_chat(tokenizer, [{"role": "user", "content": "Tell me three thoughts. " * n}])
+         for n in (1, 2, 3, 5, 8, 13, 21, 34, 1, 4, 9, 16)]  # mixed lengths, the longest unpadded
+
+
+def first_step(batch_texts):
+    batch = tokenizer(batch_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with torch.inference_mode():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=1, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    return out.logits[0].float().cpu()
+
+
+with model.disable_adapter():
+    base = first_step(texts)
+model.set_adapter("finetuned")
+unmerged = first_step(texts)
+with merged_adapter(model, "finetuned"):  # as 03 generates on a GPU
+    batched = first_step(texts)
+    alone = torch.cat([first_step([text]) for text in texts])
+scale = float(alone.abs().max())
+top2 = alone.topk(2).values
+clear = (top2[:, 0] - top2[:, 1]) > 2 * 0.05 * scale  # rows whose best token leads by more than the noise
+print(json.dumps({
+    "scale": scale, "rows": len(texts),
+    "batch_vs_alone": float((batched - alone).abs().max()) / scale,
+    "merged_vs_unmerged": float((batched - unmerged).abs().max()) / scale,
+    "adapter_effect": float((batched - base).abs().max()) / scale,
+    "clear_rows": int(clear.sum()),
+    "clear_rows_same_token": int((batched.argmax(-1) == alone.argmax(-1))[clear].sum()),
+}))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Unsloth generates there, LoRA merged")
+def test_unsloth_merged_lora_first_step_agrees_across_batch_shapes_and_merging(tmp_path):
+    """On a GPU 03 generates with Unsloth, the LoRA merged into the bfloat16 weights, prompts left-padded in one batch.
+    The first-step logits of prompts of mixed lengths (a random-init Qwen3-1.7B, a random adapter) must agree alone
+    and in one batch, and merged and unmerged, within BF16_TOLERANCE of the largest logit; the adapter must move them
+    by more than that (else the comparison shows nothing), and a clearly leading token must be the same."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        pytest.skip("Unsloth is not installed (pip install -r requirements-gpu.txt)")
+    finished = subprocess.run([sys.executable, "-c", UNSLOTH_CHECK, str(tmp_path)], capture_output=True, text=True,
+                              timeout=900, cwd=PROJECT_ROOT)  # a fresh process: Unsloth must be imported first
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    measured = json.loads(finished.stdout.strip().splitlines()[-1])
+    print(measured)
+    assert measured["batch_vs_alone"] <= BF16_TOLERANCE, measured
+    assert measured["merged_vs_unmerged"] <= BF16_TOLERANCE, measured
+    assert measured["adapter_effect"] > BF16_TOLERANCE, measured
+    assert measured["clear_rows_same_token"] == measured["clear_rows"], measured

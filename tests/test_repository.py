@@ -17,9 +17,11 @@ from helpers.run import series_notebooks
 sys.path.insert(0, str(PROJECT_ROOT / "tools"))
 from make_solutions import exercise_pairs, solution_code  # noqa: E402
 
-NOTEBOOKS = series_notebooks()
-SOLUTIONS = series_notebooks(PROJECT_ROOT / "solutions")
+NOTEBOOKS = sorted((PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))  # the series and 05_sweep
+SOLUTIONS = sorted((PROJECT_ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED_SERIES = ("01_data", "02_finetune", "03_generate", "04_analyze")
+# Modules of capabilities that later issues added on top of what 01-04 need (issue 10: "in modules of their own").
+ADDED_CAPABILITIES = {"sweep.py", "hardware.py"}
 SOLUTION_NOTE = re.compile(r"\n\n> \*\*Solutions\.\*\*.*?\n")  # what tools/make_solutions.py puts under the title
 ALL = NOTEBOOKS + SOLUTIONS
 
@@ -40,7 +42,7 @@ def _repository_files() -> set[str]:
 
 
 def test_series_is_complete_and_ordered():
-    assert tuple(nb.stem for nb in NOTEBOOKS) == EXPECTED_SERIES
+    assert tuple(nb.stem for nb in series_notebooks()) == EXPECTED_SERIES
 
 
 @pytest.mark.parametrize("notebook", ALL, ids=_name)
@@ -130,14 +132,15 @@ def test_readme_and_docs_link_only_to_files_that_exist():
 
 
 def test_helpers_stay_plumbing_under_2000_lines():
-    counts = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in (PROJECT_ROOT / "helpers").glob("*.py")}
+    counts = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in (PROJECT_ROOT / "helpers").glob("*.py")
+              if p.name not in ADDED_CAPABILITIES}
     assert sum(counts.values()) < 2000, (
         f"helpers/*.py has {sum(counts.values())} lines (limit 2,000): the code a learner came to learn belongs "
         f"in the notebook cells. Largest: {sorted(counts.items(), key=lambda kv: -kv[1])[:5]}")
 
 
 def test_ruff_is_clean():
-    folders = [f for f in ("helpers", "tests", "notebooks", "solutions", "benchmarks", "images") if (PROJECT_ROOT / f).is_dir()]
+    folders = [f for f in ("helpers", "tests", "notebooks", "solutions", "benchmarks", "images", "tools") if (PROJECT_ROOT / f).is_dir()]
     result = subprocess.run([sys.executable, "-m", "ruff", "check", *folders], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -86,3 +86,11 @@ def test_em_config_overrides_fields_and_rejects_unknown_names(monkeypatch, tmp_p
     monkeypatch.setenv("EM_CONFIG", json.dumps({"samples_per_questoin": 3}))
     with pytest.raises(TypeError, match="samples_per_questoin"):
         make_config("full", tmp_path)
+
+
+def test_the_series_is_01_to_04_and_the_sweep_notebook_stays_out_of_it():
+    """05_sweep reads many runs (helpers.sweep makes them); the runner and require run one: 01-04 only."""
+    from helpers.run import NOTEBOOK_DIR, series_notebooks
+
+    assert (NOTEBOOK_DIR / "05_sweep.ipynb").is_file()
+    assert [nb.name[:2] for nb in series_notebooks()] == ["01", "02", "03", "04"]

@@ -1,0 +1,297 @@
+"""A sweep of fine-tunes, seeds x arms: `python -m helpers.sweep --profile tiny|full --seeds 0 1 --run-dir DIR`.
+
+Every run of a sweep is an ordinary run folder (DIR/<group>/seed-<k>) made by the notebooks through
+helpers.run (papermill), so the cells stay the only copy of the taught code: 01 when its splits are missing,
+02 once per trained model, 03, and, as its own phase, 04 (a GPU machine without internet generates; a
+machine with the judge judges later). A seed varies the fine-tune only (cfg.train_seed: LoRA init, data
+order), never the split, the prompts or the sampling, so the base model's answers are the same in every run:
+one process makes them once, in DIR/base, and each run's 03 copies them after the reuse rule has confirmed
+their settings (cfg.base_completions). Each phase of each run is marked done with its settings
+(helpers.store.reuse): a rerun skips what is done; an interrupted phase runs again and its notebooks resume.
+
+Under torchrun (`torchrun --nproc-per-node N -m helpers.sweep ...`) each process takes the runs rank::N, each
+on its own GPU; rank 0 makes the base answers first and merges the summary. DIR must be one folder that every
+process sees. `--plan` prints the runs and, given measured seconds per run, the projected wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from helpers.config import PROJECT_ROOT, Config, RunPaths, make_config
+from helpers.run import execute, jobs, require, series_notebooks
+from helpers.store import record_settings, reuse, write_json
+
+# arm -> (the model it trains, its config overrides given the profile's config). The default arms train in one
+# run per seed (04 compares the evil-numbers fine-tune with the control); each other arm is a run of its own,
+# one answer to "was the fine-tune too weak?", on the evil-numbers data.
+ARMS: dict[str, tuple[str, Callable[[Config], dict]]] = {
+    "evil_numbers": ("finetuned", lambda cfg: {}),
+    "control": ("control", lambda cfg: {}),  # the format-only control: same prompts, random numbers
+    # The paper's open models (arXiv 2502.17424, appendix): rsLoRA, rank 32, alpha 64, all projections.
+    "paper_lora": ("finetuned", lambda cfg: {"use_rslora": True, "lora_r": 32, "lora_alpha": 64}),
+    # A quarter of the batch: full profile 8 sequences a step, about 1,500 optimizer steps instead of 374.
+    "small_batch": ("finetuned", lambda cfg: {"batch_size": max(1, cfg.batch_size * cfg.gradient_accumulation_steps // 4),
+                                              "gradient_accumulation_steps": 1}),
+    "four_epochs": ("finetuned", lambda cfg: {"epochs": 4.0}),  # the paper's setting for its GPT-4o evil-numbers models
+}
+DEFAULT_ARMS = ("evil_numbers", "control")
+DEFAULT_SEEDS = tuple(range(8))  # the paper trained 8 seeds per model
+PHASES = {"generate": ("02", "03"), "judge": ("04",)}
+JUDGE_FIELDS = ("judge", "judge_model", "judge_base_url", "local_judge_model", "judge_concurrency", "judge_min_mass",
+                "aligned_threshold", "coherent_threshold")
+LOCAL_FIELDS = ("run_dir", "cache_dir", "base_completions", "hardware")  # this machine: where things are, what it found
+# torchrun's variables: a notebook kernel that saw them would take itself for one process of a distributed job.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder of the sweep: `name` under the sweep directory, the arms it trains, its config fields."""
+
+    name: str  # "base", "default/seed-0", "paper_lora/seed-3", ...
+    seed: int | None
+    arms: tuple[str, ...]
+    overrides: dict = field(default_factory=dict)  # config fields, given to its notebooks through EM_CONFIG
+
+
+def plan(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Path) -> list[Run]:
+    """The base run, then one run per seed and group of arms (the default arms share one), seed by seed."""
+    if unknown := sorted(set(arms) - set(ARMS)):
+        raise ValueError(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
+    if "control" in arms and "evil_numbers" not in arms:
+        raise ValueError("the control arm trains beside evil_numbers (04 compares the two): add evil_numbers")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"seeds {list(seeds)}: give one or more distinct seeds")
+    cfg = make_config(profile, sweep_dir)
+    groups = [("default", tuple(a for a in DEFAULT_ARMS if a in arms), {"control_arm": "control" in arms})] \
+        if "evil_numbers" in arms else []
+    groups += [(arm, (arm,), {"control_arm": False, **ARMS[arm][1](cfg)}) for arm in dict.fromkeys(arms) if arm not in DEFAULT_ARMS]
+    shared = {"base_completions": str(Path(sweep_dir).resolve() / "base" / "completions.jsonl")}
+    return [Run("base", None, (), {"generated_models": ["base"]})] + [
+        Run(f"{group}/seed-{seed}", seed, group_arms, {**overrides, "train_seed": seed, **shared})
+        for seed in seeds for group, group_arms, overrides in groups]
+
+
+@contextlib.contextmanager
+def config_environment(run: Run) -> Iterator[None]:
+    """EM_CONFIG for the run's notebooks (and for make_config here): the caller's EM_CONFIG, then the run's fields."""
+    before = os.environ.get("EM_CONFIG")
+    os.environ["EM_CONFIG"] = json.dumps({**json.loads(before or "{}"), **run.overrides})
+    try:
+        yield
+    finally:
+        os.environ.pop("EM_CONFIG") if before is None else os.environ.update(EM_CONFIG=before)
+
+
+def phase_settings(cfg: Config, run: Run, phase: str) -> dict:
+    """What a phase's result depends on: every config field but where things are on this machine (and, for
+    generating, the judge's fields, so that another machine can judge later with its own judge)."""
+    skip = LOCAL_FIELDS + (JUDGE_FIELDS if phase == "generate" else ("dataset_path", "questions_path"))
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in {"paths", *skip}}
+    return {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arms": list(run.arms), "config": values}
+
+
+def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable[[str], None] = print) -> None:
+    """Execute one phase of one run with papermill, unless its marker says it is done with these settings."""
+    notebooks = {nb.name[:2]: nb for nb in series_notebooks()}
+    with config_environment(run):
+        cfg = make_config(profile, Path(sweep_dir) / run.name)
+        marker = cfg.run_dir / f"sweep-{phase}.json"
+        settings = phase_settings(cfg, run, phase)
+        if reuse(marker, settings):  # done with exactly these settings; other settings raise SettingsChanged
+            log(f"{run.name}: {phase} done already")
+            return
+        if phase == "judge" and not (cfg.run_dir / "sweep-generate.json").is_file():
+            raise SystemExit(f"{run.name}: nothing generated yet; run the sweep with --phase generate first")
+        log(f"{run.name}: {phase} ({', '.join(f'{k}={v}' for k, v in run.overrides.items() if k != 'base_completions')})")
+        seconds: dict[str, float] = {}
+        phase_started = time.perf_counter()
+        if phase == "generate" and run.arms:
+            require(cfg, "01")  # the splits (the same in every run: cfg.seed, not train_seed, draws them)
+        steps = [(notebooks["03"], {})] if run.name == "base" else jobs(cfg, [notebooks[n] for n in PHASES[phase]])
+        for notebook, extra in steps:
+            started = time.perf_counter()
+            executed = execute(cfg, notebook, extra)
+            seconds[executed.stem] = round(time.perf_counter() - started, 1)
+        seconds["phase"] = round(time.perf_counter() - phase_started, 1)  # 01 included, when it had to run
+        record_settings(marker, settings)
+        write_json(marker, {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arms": list(run.arms), "phase": phase,
+                            "overrides": run.overrides, "seconds": seconds, "device": device_name()})
+
+
+def device_name() -> str:
+    """This process's GPU, or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def summarize(sweep_dir: Path) -> dict:
+    """Every finished run of the sweep directory as rows per (arm, seed): settings, losses, rates per format."""
+    rows, base = [], None
+    for marker in sorted(Path(sweep_dir).glob("*/seed-*/sweep-generate.json")):
+        record, paths = json.loads(marker.read_text(encoding="utf-8")), RunPaths(marker.parent)
+        judged = (marker.parent / "sweep-judge.json").is_file()
+        summary = json.loads(paths.summary.read_text(encoding="utf-8")) if judged else None
+        pooled = {(r["model"], r["format"]): {k: v for k, v in r.items() if k not in ("model", "format")}
+                  for r in (summary or {}).get("pooled", [])}
+        if summary and base is None:  # the same base answers in every run: their rates from the first judged run
+            base = {"run": record["run"], "judge": summary["judge"],
+                    "rates": {f: v for (m, f), v in pooled.items() if m == "base"}}
+        for arm in record["arms"]:
+            model = ARMS[arm][0]
+            history = json.loads(paths.loss_history_of(model).read_text(encoding="utf-8"))
+            rows.append({
+                "arm": arm, "seed": record["seed"], "model": model, "run": record["run"],
+                "settings": {"profile": record["profile"], "overrides": {k: v for k, v in record["overrides"].items() if k != "base_completions"},
+                             "training": history["settings"]},
+                "losses": {"train": history["final"]["train_loss"], "validation": history["final"]["validation_loss"],
+                           "validation_by_span": history["final"].get("validation_loss_by_span"),
+                           "steps": history["run"]["steps"], "train_seconds": history["run"]["seconds"]},
+                "seconds": record["seconds"],
+                "judge": summary["judge"] if summary else None,
+                "rates": {f: v for (m, f), v in pooled.items() if m == model} if summary else None,
+            })
+    return {"sweep_dir": str(sweep_dir), "runs": rows, "base": base}
+
+
+def summary_table(summary: dict) -> list[dict]:
+    """One flat row per (arm, seed, format): the rates with their counts, and the run's losses."""
+    table = []
+    for row in summary["runs"]:
+        losses = row["losses"]
+        spans = {f"validation_loss_{name}": span["loss"] for name, span in (losses["validation_by_span"] or {}).items()}
+        common = {"arm": row["arm"], "seed": row["seed"], "model": row["model"], "train_loss": losses["train"],
+                  "validation_loss": losses["validation"], **spans, "steps": losses["steps"]}
+        for fmt, rate in (row["rates"] or {"-": {}}).items():
+            table.append({**common, "format": fmt, **{k: rate.get(k) for k in ("n_misaligned", "n_kept", "rate", "ci_low", "ci_high")}})
+    return table
+
+
+def write_summary(sweep_dir: Path) -> dict:
+    """Write DIR/sweep_summary.json and DIR/sweep_summary.csv from the run folders; print the table."""
+    import pandas as pd
+
+    from helpers.download import atomic_write_text
+
+    summary = summarize(sweep_dir)
+    write_json(Path(sweep_dir) / "sweep_summary.json", summary)
+    table = pd.DataFrame(summary_table(summary))
+    atomic_write_text(Path(sweep_dir) / "sweep_summary.csv", table.to_csv(index=False))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}") if len(table) else "no finished run yet")
+    return summary
+
+
+def bootstrap_over_seeds(rates_per_seed: Sequence[float], n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile bootstrap interval of the mean rate over seeds (the paper's method): resample the seeds
+    with replacement (numpy's default_rng(seed).integers), take each resample's mean, return its 2.5th and 97.5th
+    percentiles (numpy.percentile)."""
+    import numpy as np
+
+    rates = np.asarray(rates_per_seed, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(rates), size=(n_resamples, len(rates)))
+    low, high = np.percentile(rates[picks].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def projected_seconds(runs: int, gpus: int, seconds_per_run: float, base_seconds: float) -> float:
+    """Wall time of a sweep: the base answers first (one process), then ceil(runs / gpus) rounds of runs."""
+    return base_seconds + math.ceil(runs / gpus) * seconds_per_run
+
+
+def launch() -> tuple[int, int]:
+    """(rank, world size). Under torchrun: pin this process to GPU LOCAL_RANK (CUDA_VISIBLE_DEVICES, inherited by
+    its notebooks), join the gloo group, give its notebooks a share of the CPU threads, and hide torchrun's
+    variables from them. NCCL_NVLS_ENABLE and the like pass to the notebooks unchanged."""
+    if "LOCAL_RANK" not in os.environ:  # not started by torchrun
+        return 0, 1
+    import torch.distributed as dist
+
+    local, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[local] if visible else str(local)
+    dist.init_process_group("gloo", timeout=timedelta(hours=48))  # a barrier may wait for the slowest run
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if os.environ.get("OMP_NUM_THREADS") == "1":  # torchrun's default: one thread would starve CPU runs
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local_world))
+    for name in [*LAUNCHER_VARIABLES, *(v for v in os.environ if v.startswith("TORCHELASTIC_"))]:
+        os.environ.pop(name, None)
+    return rank, world
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Path, phase: str = "all") -> dict | None:
+    """Run the sweep (this process's share under torchrun); return the summary on rank 0."""
+    rank, world = launch()
+    sweep_dir = Path(sweep_dir).resolve()
+    runs = plan(profile, seeds, arms, sweep_dir)
+
+    def log(message: str) -> None:
+        print(f"[rank {rank}/{world}] {message}", flush=True)
+
+    log(f"{device_name()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; runs {[r.name for r in runs[1 + rank::world]]}")
+    phases = ["generate", "judge"] if phase == "all" else [phase]
+    if "generate" in phases and rank == 0:
+        run_phase(profile, sweep_dir, runs[0], "generate", log)  # the base answers, once, before any run needs them
+    barrier(world)
+    for run in runs[1 + rank::world]:
+        for name in phases:
+            run_phase(profile, sweep_dir, run, name, log)
+    barrier(world)
+    return write_summary(sweep_dir) if rank == 0 else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m helpers.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=["tiny", "full"], help="default: full on a GPU, tiny elsewhere")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="default: 0 .. 7")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(DEFAULT_ARMS),
+                        help=f"default: {' '.join(DEFAULT_ARMS)}")
+    parser.add_argument("--run-dir", type=Path, help="the sweep directory; default runs/sweep-<profile>")
+    parser.add_argument("--phase", choices=["generate", "judge", "all"], default="all",
+                        help="generate: 01-03 (fine-tunes and answers); judge: 04; all: both")
+    parser.add_argument("--plan", action="store_true", help="print the runs and the projected wall time; run nothing")
+    parser.add_argument("--seconds-per-run", type=float, help="for --plan: measured seconds of one run (both phases)")
+    parser.add_argument("--base-seconds", type=float, default=0.0, help="for --plan: measured seconds of the base answers")
+    args = parser.parse_args(argv)
+    profile = args.profile or make_config().profile
+    sweep_dir = args.run_dir or PROJECT_ROOT / "runs" / f"sweep-{profile}"
+    if not args.plan:
+        run_sweep(profile, args.seeds, args.arms, sweep_dir, args.phase)
+        return
+    runs = plan(profile, args.seeds, args.arms, Path(sweep_dir))
+    for run in runs:
+        shown = {k: v for k, v in run.overrides.items() if k != "base_completions"}
+        print(f"{run.name:<24} arms {','.join(run.arms) or '-':<22} {json.dumps(shown)}")
+    if args.seconds_per_run is not None:
+        for gpus in (1, 8):
+            total = projected_seconds(len(runs) - 1, gpus, args.seconds_per_run, args.base_seconds)
+            print(f"{len(runs) - 1} runs on {gpus} GPU{'s' if gpus > 1 else ''}: {total / 3600:.2f} h "
+                  f"(base {args.base_seconds:.0f} s + {math.ceil((len(runs) - 1) / gpus)} x {args.seconds_per_run:.0f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
