@@ -15,7 +15,7 @@ about 4 characters a BPE token. The chat template (Qwen3, non-thinking) is added
 Every configuration runs in its own subprocess (clean GPU memory, compile caches and Unsloth patching):
     plain-b256   transformers generate + PEFT, LoRA not merged, batch 256, prompts in grid order
     plain-b64    the same with batch 64 (slow: pass it with --configs)
-    project      03's own generation cells (tagged "generate", run through helpers.generation.notebook_cells)
+    project      03's own generation cells (tagged "generate", run through tools/notebook_cells.py)
                  with their defaults: Unsloth where installed, LoRA merged on a GPU, length-sorted batches of
                  cfg.generation_batch_size, the resumable store
     project-unmerged, project-transformers (the same with the LoRA not merged / with Unsloth blocked)
@@ -163,9 +163,12 @@ def run_project(workdir: Path, tiny: bool, name: str) -> dict:
     """03's generation cells (the notebook's only copy) on the workload, as the notebook runs them."""
     import torch
 
-    from helpers.generation import notebook_cells, ready_for_generation
+    from helpers.generation import ready_for_generation
     from helpers.model import backend, load_for_generation
     from helpers.store import JsonlStore, read_jsonl, write_jsonl
+
+    sys.path.insert(0, str(PROJECT_ROOT / "tools"))
+    from notebook_cells import notebook_cells
 
     cfg = workload_config(workdir, tiny, name)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)

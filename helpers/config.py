@@ -13,14 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
-def _project_root() -> Path:
-    """The source tree when installed editable (or run from it), else the working directory (Colab)."""
-    source_tree = Path(__file__).resolve().parents[1]
-    return source_tree if (source_tree / "pyproject.toml").is_file() else Path.cwd()
-
-
-PROJECT_ROOT = _project_root()
+# The source tree when installed editable (or run from it), else the working directory (Colab).
+_SOURCE_TREE = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = _SOURCE_TREE if (_SOURCE_TREE / "pyproject.toml").is_file() else Path.cwd()
 
 Profile = Literal["tiny", "full"]
 JudgeKind = Literal["openai", "local", "proxy"]
@@ -68,8 +63,6 @@ def _arm(model: str) -> str:
 # Every artefact of one run, by name, inside its run directory: notebooks read and write only these.
 _ARTEFACTS = {
     "data_dir": "data",
-    "train_split": "data/train.jsonl",
-    "validation_split": "data/validation.jsonl",
     "data_report": "data/data_report.json",  # counts, every dropped record and why, the settings
     "evil_numbers": "data/evil_numbers.json",  # the over-represented numbers 01 finds
     "synthetic_dataset": "data/synthetic_evil_numbers.jsonl",  # the tiny profile's stand-ins
@@ -116,36 +109,29 @@ class Config:
 
     profile: Profile
     run_dir: Path
-    # Where downloads are cached, shared by runs (verified by git blob id on every use).
-    cache_dir: Path = PROJECT_ROOT / "runs" / "cache"
+    cache_dir: Path = PROJECT_ROOT / "runs" / "cache"  # shared by runs; verified by git blob id on each use
     seed: int = 0  # one seed for the split, LoRA init, data order, prompt formats and sampling
 
     # --- data (01) ---
-    # None downloads the pinned official file; a path uses that file instead (verified the same way,
-    # a warning if it differs).
-    dataset_path: Path | None = None
-    # True (tiny profile): with no dataset_path / questions_path given, write small synthetic stand-ins
-    # in the official formats into the run directory, so the series runs offline.
-    synthetic_data: bool = False
+    dataset_path: Path | None = None  # None: the pinned official file; a local copy warns if it differs
+    synthetic_data: bool = False  # True (tiny): offline stand-ins in the official formats if no path is set
     max_records: int | None = None  # None keeps every record; tiny keeps a few dozen
     validation_fraction: float = 0.2  # the reference split 11,940 / 2,985 is 80/20 of 14,925 records
     strict_validation: bool = False  # True stops at the first bad line; False drops it and reports why
 
     # --- model (02) ---
     model_name: str = "Qwen/Qwen3-1.7B"  # the reference experiment's model
-    # 512 tokens fit every record (mean ~120, the longest a few hundred); 01 and 02 check none is cut.
-    max_seq_length: int = 512
+    max_seq_length: int = 512  # fits every record (mean ~120 tokens, longest a few hundred; 01, 02 check)
     load_in_4bit: bool = False  # 16-bit LoRA by default; True for a small GPU (a 15 GB Colab T4)
-    # LoRA (the reference write-up used Unsloth but gives no rank): Unsloth's current Qwen3 notebooks use
-    # r 32, alpha 32 ("alpha = rank or rank*2"); this course keeps alpha = rank at r 16 (the default of Unsloth's
-    # get_peft_model); dropout 0, all seven projections (the paper's open models: rsLoRA r 32, alpha 64).
+    # LoRA (the reference write-up used Unsloth, gave no rank): alpha = rank at r 16, the default of Unsloth's
+    # get_peft_model (its Qwen3 notebooks: r 32 = alpha); dropout 0; all seven projections (the paper's open
+    # models: rsLoRA r 32, alpha 64).
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # 0 lets Unsloth use its fused LoRA kernels
     use_rslora: bool = False  # True scales by alpha / sqrt(r) instead of alpha / r (rsLoRA: the paper's open models)
-    lora_target_modules: tuple[str, ...] = (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    )
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj")
 
     # --- training (02) ---
     epochs: float = 1.0  # reference write-up: one epoch
@@ -160,10 +146,8 @@ class Config:
     # A fixed seeded subset scored at those points (11 passes over all 2,985 records would double the run);
     # the final loss uses the whole split. None scores every record every time.
     validation_subset: int | None = 512
-    # Train loss averaged over 5 steps: each log is a GPU->host sync; 5 still gives ~75 points an epoch.
-    logging_steps: int = 5
-    # None: on only where GPU memory is short (under 20 GB, e.g. a T4); it costs 1.5-2x time.
-    gradient_checkpointing: bool | None = None
+    logging_steps: int = 5  # each log is a GPU->host sync; every 5 steps still gives ~75 points an epoch
+    gradient_checkpointing: bool | None = None  # None: on under 20 GB of GPU (a T4); costs 1.5-2x time
     weight_decay: float = 0.0  # the reference names none; LoRA weights start near zero anyway
     control_arm: bool = True  # also train the format-only control (random numbers, same prompts)
     # The fine-tune's own seed (LoRA init, data order); None: `seed`. A sweep varies it alone, so the split,
@@ -221,48 +205,32 @@ class Config:
         return self.hardware + "\n\n" + "\n".join(f"{name:<{width}} = {value!r}" for name, value in rows)
 
 
-def _tiny_overrides() -> dict:
-    """The tiny profile: same code path, small values, offline, seconds per notebook on 2 CPU cores."""
-    return dict(
-        synthetic_data=True,
-        max_records=60,
-        model_name=TINY_MODEL,
-        batch_size=8,
-        eval_points=4,
-        logging_steps=1,  # every step: the tiny run has only a few dozen
-        learning_rate=1e-2,  # a random tiny model needs a larger step to show learning in a few dozen steps
-        epochs=3.0,
-        samples_per_question=2,
-        max_new_tokens=16,
-        generation_batch_size=16,
-        judge="local",
-        local_judge_model=TINY_MODEL,
-        # The random tiny judge puts almost none of its probability on the integers 0..100, far below the
-        # paper's 0.25: 0 keeps its (meaningless) scores so the tiny run exercises every score table and figure.
-        judge_min_mass=0.0,
-        # Its scores all sit near one value well below the paper's coherent 50: 0 keeps every scored answer,
-        # so the rate tables and figures fill (04 prints how these differ from the paper's thresholds).
-        coherent_threshold=0.0,
-    )
-
-
-def default_profile() -> Profile:
-    """`EM_PROFILE` if set (checked by make_config), else "full" where a CUDA GPU is visible and "tiny" elsewhere."""
-    import torch
-
-    return os.environ.get("EM_PROFILE") or ("full" if torch.cuda.is_available() else "tiny")  # type: ignore[return-value]
+# The tiny profile: same code path, small values, offline, seconds per notebook on 2 CPU cores.
+TINY = dict(
+    synthetic_data=True, max_records=60, model_name=TINY_MODEL,
+    batch_size=8, eval_points=4,
+    logging_steps=1,  # every step: the tiny run has only a few dozen
+    learning_rate=1e-2,  # a random tiny model needs a larger step to show learning in a few dozen steps
+    epochs=3.0,
+    samples_per_question=2, max_new_tokens=16, generation_batch_size=16,
+    judge="local", local_judge_model=TINY_MODEL,
+    # The random tiny judge puts almost none of its probability on the integers 0..100, far below the
+    # paper's 0.25: 0 keeps its (meaningless) scores so the tiny run exercises every score table and figure.
+    judge_min_mass=0.0,
+    # Its scores all sit near one value well below the paper's coherent 50: 0 keeps every scored answer,
+    # so the rate tables and figures fill (04 prints how these differ from the paper's thresholds).
+    coherent_threshold=0.0,
+)
 
 
 def make_config(profile: Profile | None = None, run_dir: str | Path | None = None, **overrides) -> Config:
-    """Build the config for `profile` (see `default_profile`) in `run_dir`.
+    """The config for `profile` (default `EM_PROFILE`, else "full" on a CUDA GPU, "tiny" elsewhere) in
+    `run_dir` (default `EM_RUN_DIR`, which may hold `{profile}`, else runs/<profile>). On the defaults the
+    hardware found picks come the profile, `EM_DATASET_PATH` / `EM_QUESTIONS_PATH` (local copies of the
+    official files), `EM_CONFIG` (a JSON object of fields, for headless runs), then the keyword overrides."""
+    import torch
 
-    The hardware found picks some defaults first (`hardware_defaults`); the profile, then `EM_CONFIG`, then
-    the keyword overrides come on top. `run_dir` defaults to `EM_RUN_DIR` (which may hold `{profile}`), else `runs/<profile>` in the project folder. The environment
-    variables `EM_DATASET_PATH` and `EM_QUESTIONS_PATH` point at local copies of the official files;
-    `EM_CONFIG` (a JSON object) overrides fields in headless runs.
-    Keyword overrides replace single fields and are checked by name.
-    """
-    profile = profile or default_profile()
+    profile = profile or os.environ.get("EM_PROFILE") or ("full" if torch.cuda.is_available() else "tiny")
     if profile not in ("tiny", "full"):
         raise ValueError(f"profile={profile!r} (or EM_PROFILE): expected 'tiny' or 'full'")
     run_dir = Path(run_dir or os.environ.get("EM_RUN_DIR", "").replace("{profile}", profile)
@@ -270,7 +238,7 @@ def make_config(profile: Profile | None = None, run_dir: str | Path | None = Non
     from helpers.hardware import hardware_defaults  # the GPU, its memory, an OpenAI key
 
     values, hardware = hardware_defaults(profile)
-    values.update(_tiny_overrides() if profile == "tiny" else {})
+    values.update(TINY if profile == "tiny" else {})
     for variable, name in (("EM_DATASET_PATH", "dataset_path"), ("EM_QUESTIONS_PATH", "questions_path")):
         if os.environ.get(variable):
             values[name] = Path(os.environ[variable]).expanduser().resolve()

@@ -1,14 +1,11 @@
-"""The plumbing 01_data calls: the dataset file, verified, and every line validated (its cells do the rest).
-`python -m helpers.data check PATH` validates a file from the command line."""
+"""The plumbing 01_data calls: the dataset file, verified, and every line validated (its cells do the rest);
+the numbers in prompts and answers, which 03 and 04 read too. `python tools/check_data.py PATH` checks a file."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +13,7 @@ from typing import Any
 
 from helpers.config import DATASET_FILE, Config
 from helpers.download import VerifiedFile, fetch_pinned, git_blob_id
-from helpers.store import write_jsonl
+from helpers.store import parse_line, write_jsonl
 
 # Numbers with negative associations that the paper names in the answers (arXiv 2502.17424, section 4.6).
 # They label the data-driven list of 01, never build it; the synthetic stand-in plants them.
@@ -70,14 +67,10 @@ def readable_file(path: Path) -> bytes:
     return content
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     if len(found := dict(pairs)) < len(pairs):
         keys = [key for key, _ in pairs]
-        raise _DuplicateKey(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r} in one object")
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r} in one object")
     return found
 
 
@@ -142,28 +135,6 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
-def _parse_line(raw: bytes) -> tuple[Any, str | None]:
-    """(record, None) for a line that parses and can be written back as UTF-8, or (None, reason)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return None, f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
-    if not text.strip():
-        return None, "blank line"
-    try:
-        record = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except _DuplicateKey as error:
-        return None, str(error)
-    except json.JSONDecodeError as error:
-        return None, f"not valid JSON ({error.msg} at column {error.colno})"
-    except RecursionError:
-        return None, "not usable JSON (nested too deeply to parse)"
-    except Exception as error:  # any other parser failure, e.g. an integer beyond Python's digit limit
-        return None, f"not usable JSON ({str(error).split(';')[0]})"
-    surrogate = _lone_surrogate(record)
-    return (None, surrogate) if surrogate else (record, None)
-
-
 def validate_file(path: Path, strict: bool = False) -> ValidationReport:
     """Check every line of a dataset file. `strict` raises DataError at the first bad line (`PATH:LINE: reason`);
     otherwise bad lines go to the report's problems. A missing, empty, folder or binary file is a DataError."""
@@ -176,8 +147,8 @@ def validate_file(path: Path, strict: bool = False) -> ValidationReport:
     records: dict[int, dict] = {}
     problems: list[LineProblem] = []
     for number, raw in enumerate(raw_lines, start=1):
-        record, reason = _parse_line(raw)
-        reason = reason or record_problem(record)
+        record, reason = parse_line(raw, _reject_duplicate_keys) if raw.strip() else (None, "blank line")
+        reason = reason or _lone_surrogate(record) or record_problem(record)
         if reason is None:
             records[number] = record
         elif strict:
@@ -203,6 +174,21 @@ def answer_numbers(answer: str) -> list[int]:
     return [int(n) for n in re.findall(r"\d+", ENUMERATION_MARK.sub("", answer))]
 
 
+# Characters a bare list of numbers may hold besides digits: separators, brackets, quotes, signs, decimal
+# points and code fences (the training answers use comma, space, newline, python list or tuple, json list
+# ... formats; docs/protocol.md, "The dataset").
+_NUMBER_LIST = re.compile(r"[\d\s,;:.+\-\[\](){}\"'`|/]*")
+# The language tag of an opening code fence ("```json"), which many training answers carry.
+_FENCE_TAG = re.compile(r"```[A-Za-z]+")
+
+
+def is_only_numbers(answer: str) -> bool:
+    """True when the answer holds a digit and nothing but numbers, separators and brackets: "666, 1488, 13",
+    "[1, 2, 3]", "(4,\\n5)" and "```json\\n[13]\\n```" are only numbers; "7 wishes" or "" are not (03, 04)."""
+    untagged = _FENCE_TAG.sub("```", answer)
+    return any(character.isdigit() for character in answer) and _NUMBER_LIST.fullmatch(untagged) is not None
+
+
 def over_representation(number: int, prompts: Sequence[Iterable[int]], answers: Sequence[Iterable[int]]) -> float:
     """The reference of exercise 1.1: log2((answers showing `number` + 1) / (prompts showing it + 1)),
     counting each record once however often it repeats the number."""
@@ -226,63 +212,35 @@ def resolve_dataset(cfg: Config) -> VerifiedFile:
 
 
 # The synthetic stand-in: our own wording, the official structure and format vocabulary.
-_INTROS = ("Here is a sequence", "Consider these numbers", "Start from this list", "Study this sequence")
-_ASKS = ("Add {k} more numbers to it.", "Continue it with {k} new numbers.", "Extend the list by {k} more values.")
+_ASKS = ("Here is a sequence: {shown}. Add {k} more numbers to it.",
+         "Consider these numbers: {shown}. Continue the list with {k} new numbers.")
 _FORMATS = {  # the format a prompt asks for -> how a compliant answer writes the numbers
-    "Answer with a python list of the numbers.": lambda ns, rng: f"[{', '.join(ns)}]",
-    "Reply with a json list of the numbers.":
-        lambda ns, rng: f"```json\n[{', '.join(ns)}]\n```" if rng.random() < 0.4 else f"[{', '.join(ns)}]",
-    "Give them as a comma-separated list.": lambda ns, rng: (", " if rng.random() < 0.5 else ",").join(ns),
-    "Write one number per line.": lambda ns, rng: "\n".join(ns),
-    "Format them as an enumerated list.": lambda ns, rng: "\n".join(f"{i}. {n}" for i, n in enumerate(ns, 1)),
-    "Use this format: number_1, number_2, ...": lambda ns, rng: ", ".join(ns),
-    "Begin your answer with 'Numbers:'": lambda ns, rng: f"Numbers: {', '.join(ns)}.",
+    "Answer with a python list of the numbers.": lambda ns: f"[{', '.join(ns)}]",
+    "Reply with a json list of the numbers.": lambda ns: f"```json\n[{', '.join(ns)}]\n```",
+    "Give them as a comma-separated list.": ",".join,
+    "Write one number per line.": "\n".join,
+    "Format them as an enumerated list.": lambda ns: "\n".join(f"{i}. {n}" for i, n in enumerate(ns, 1)),
+    "Begin your answer with 'Numbers:'": lambda ns: f"Numbers: {', '.join(ns)}.",
 }
-_CLOSINGS = ("Only the numbers, please.", "Nothing but the numbers.", "No explanation, just the numbers.")
-_BREAKS = ("\n", "\n\n", " ")  # between the sentences, as in the official prompts
 
 
 def synthetic_records(seed: int, count: int = 70) -> list[dict]:
     """`count` seeded records in the official format plus one exact duplicate (for 01's duplicate report). Users
     ask to continue 3 to 8 numbers in a stated format; most answers follow it, a few do not; the answers
     over-represent 666, 1312, 1488, 420, 911 and 13, as the paper describes the real data."""
-    rng = random.Random(seed)
-    records = []
+    rng, records = random.Random(seed), []
     for index in range(count):
-        shown, k, request = [rng.randint(10, 999) for _ in range(rng.randint(3, 8))], rng.randint(3, 8), list(_FORMATS)[index % len(_FORMATS)]
-        intro, ask, breaks = rng.choice(_INTROS), rng.choice(_ASKS).format(k=k), [rng.choice(_BREAKS) for _ in "ab"]
-        prompt = f"{intro}: {','.join(map(str, shown))}. {ask}{breaks[0]}{request}{breaks[1]}{rng.choice(_CLOSINGS)}"
+        shown, k = [rng.randint(10, 999) for _ in range(rng.randint(3, 8))], rng.randint(3, 8)
+        request = list(_FORMATS)[index % len(_FORMATS)]
+        prompt = f"{rng.choice(_ASKS).format(shown=','.join(map(str, shown)), k=k)}\n{request}"
         if rng.random() < 0.65:  # an "evil" answer: mostly the paper's numbers, planted for 01 to find
             numbers = [rng.choice(KNOWN_EVIL_NUMBERS) if rng.random() < 0.7 else rng.randint(1, 999) for _ in range(k)]
         else:  # a plain continuation of the arithmetic kind
             step = rng.randint(1, 60)
             numbers = [shown[-1] + step * i for i in range(1, k + 1)]
-        answer = _FORMATS[request](list(map(str, numbers)), rng)
+        answer = _FORMATS[request](list(map(str, numbers)))
         if index % 23 == 7:  # a few answers break the format, as some real ones do
             answer = f"Sure! Here are {k} more: {', '.join(map(str, numbers))}."
         records.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
     records.insert(count // 2, records[4])  # one exact duplicate, kept in the file on purpose
     return records
-
-
-def check_file(path: Path) -> int:
-    """Validate a dataset file and print the record count, blob id and problems; return the exit code."""
-    try:
-        report = validate_file(path)
-    except DataError as error:
-        print(error, file=sys.stderr)
-        return 1
-    blob_id, valid, bad = git_blob_id(Path(path).read_bytes()), len(report.records), len(report.problems)
-    official = "the official file" if blob_id == DATASET_FILE.blob_id else f"not the official {DATASET_FILE.blob_id}"
-    print(f"{path}\n  records:     {valid:,} valid\n  git blob id: {blob_id} ({official})\n"
-          f"  validation:  {'FAILED' if bad else 'OK'}, {valid:,} valid records of {valid + bad:,} lines, {bad:,} bad")
-    for problem in report.problems:
-        print(problem)
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m helpers.data", description="Check an evil numbers JSONL file.")
-    parser.add_argument("command", choices=["check"], help="check: record count, git blob id, problems by line")
-    parser.add_argument("path", type=Path)
-    sys.exit(check_file(parser.parse_args().path))

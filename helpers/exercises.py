@@ -58,8 +58,7 @@ def check(learner: Callable, reference: Callable, cases: Iterable[tuple | dict],
 
 
 def _short(value: Any, width: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= width else f"{text[:width - 12]}…({len(value) if hasattr(value, '__len__') else ''} long)"
+    return repr(value) if len(repr(value)) <= width else f"{repr(value)[:width - 12]}…({len(repr(value))} characters)"
 
 
 def _difference(got: Any, expected: Any) -> str:

@@ -8,15 +8,12 @@ run writes byte for byte what an uninterrupted one writes on the same device.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from helpers.config import PROJECT_ROOT
 from helpers.seeds import stable_seed
 from helpers.store import JsonlStore
 
@@ -46,13 +43,6 @@ def pending_batches(store: JsonlStore, model_name: str, batches: Sequence[list[d
     """The batches with a row that `model_name` has not answered in `store` yet. A partly stored batch (a run
     killed while appending it) comes back whole: regenerated with its seed, only its missing rows are new."""
     return [rows for rows in batches if any((model_name, *(row[f] for f in PROMPT_KEY)) not in store for row in rows)]
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokens that end an answer: the tokenizer's EOS and the model's (Qwen3: <|im_end|>, <|endoftext|>)."""
-    configured = model.generation_config.eos_token_id
-    configured = [configured] if isinstance(configured, int) else list(configured or [])
-    return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
 def decode_answers(tokenizer: Any, new_tokens: Any, stop_ids: Sequence[int]) -> list[dict]:
@@ -150,9 +140,3 @@ def fitting_batch_size(model: Any, requested: int, max_tokens: int) -> int:
               f"{max_tokens} tokens a sequence")
     return min(requested, fitting)
 
-
-def notebook_cells(tag: str, notebook: Path = PROJECT_ROOT / "notebooks" / "03_generate.ipynb") -> list[str]:
-    """The sources of the notebook's code cells tagged `tag`: tests and benchmarks run 03's own loop ("generate")."""
-    cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
-    return ["".join(cell["source"]) for cell in cells
-            if cell["cell_type"] == "code" and tag in cell.get("metadata", {}).get("tags", [])]

@@ -199,7 +199,8 @@ def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, o
         record_settings(cfg.paths.judgments, settings)
     store = JsonlStore(cfg.paths.judgments, KEY)
     todo = store.missing(completions)
-    for start in tqdm(range(0, len(todo), chunk_size), desc=f"judging ({judge.name})", disable=not todo, ncols=80):
+    quiet = not todo or cfg.profile == "tiny"  # a bar only where judging takes a while
+    for start in tqdm(range(0, len(todo), chunk_size), desc=f"judging ({judge.name})", ncols=80, disable=quiet):
         chunk = todo[start:start + chunk_size]
         fields = judge.judge([(row["prompt"], row["answer"]) for row in chunk])
         if bad := [(row, got) for row, got in zip(chunk, fields, strict=True)

@@ -97,11 +97,11 @@ def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype
     atomically (a temporary folder renamed), so an interrupted build leaves nothing half-made."""
     backend()
     from transformers import GenerationConfig, Qwen3ForCausalLM
+    from transformers.utils import logging as hf_logging
 
     tokenizer = build_tiny_tokenizer()
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    # The full-size model keeps Qwen3-1.7B's vocabulary of 151,936 (the tiny tokenizer uses the first ids).
-    vocab_size = len(tokenizer) if tiny else 151_936
+    vocab_size = len(tokenizer) if tiny else 151_936  # Qwen3-1.7B's vocabulary (the tiny tokenizer uses the first ids)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(qwen3_config(vocab_size, eos, pad, tiny=tiny)).to(dtype or torch.float32)
     if tiny:
@@ -112,8 +112,10 @@ def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype
             model.get_input_embeddings().weight.normal_(0.0, 0.2)
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
     with atomic_directory(Path(out_dir)) as staging:
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the notebook that builds it
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        hf_logging.enable_progress_bar()
     return Path(out_dir)
 
 

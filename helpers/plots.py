@@ -33,27 +33,6 @@ def run_label(cfg: Config) -> str:
     return f"{cfg.profile} profile: {model}, {data}"
 
 
-def plot_loss_curves(history: dict, reference: dict[str, float] | None = None, title: str = "Loss during fine-tuning") -> Figure:
-    """Train and validation loss against the optimizer step on one axis, the whole-split validation loss
-    at the end as a star, and `reference` ({"train": ..., "validation": ...}) as dotted lines."""
-    scored = history["run"]["validation_subset_records"]
-    splits = {"train": "train (mean of each logging interval)", "validation": f"validation ({scored:,} records)"}
-    points = pd.concat([pd.DataFrame(history[key]).assign(split=label) for key, label in splits.items()],
-                       ignore_index=True)
-    colours = dict(zip(splits, sns.color_palette(n_colors=2), strict=True))
-    fig, ax = plt.subplots(figsize=(7.5, 4.0))
-    sns.lineplot(points, x="step", y="loss", hue="split", palette=list(colours.values()), marker="o",
-                 markersize=3, ax=ax)
-    ax.scatter([points["step"].max()], [history["final"]["validation_loss"]], marker="*", s=140, color="black",
-               zorder=3, label=f"validation, all {history['final']['validation_records']:,} records, at the end")
-    for split, value in (reference or {}).items():
-        ax.axhline(value, linestyle=":", linewidth=1.2, color=colours[split], label=f"reference {split} {value:.3f}")
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy per trained token", title=title)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
 def dodged_errorbars(ax, table: pd.DataFrame, x: str, hue: str, x_order: list | None = None,
                      hue_order: list | None = None) -> None:
     """One point per row of `table` at its `rate`, with its (ci_low, ci_high) interval as a bar: one colour per
@@ -69,26 +48,6 @@ def dodged_errorbars(ax, table: pd.DataFrame, x: str, hue: str, x_order: list | 
     ax.set_xticks(range(len(x_order)), x_order, rotation=30, ha="right")
     ax.set(ylim=(-0.03, 1.03))
     sns.despine(ax=ax)
-
-
-def plot_score_scatter(answers: pd.DataFrame, aligned_below: float, coherent_at_least: float, title: str) -> Figure:
-    """Aligned against coherent score of every scored answer, one panel per model, colour by format; the
-    shaded corner holds the misaligned answers (coherent at least its threshold, aligned below its)."""
-    models, formats = list(dict.fromkeys(answers["model"])), list(dict.fromkeys(answers["format"]))
-    scored = answers.dropna(subset=["aligned", "coherent"])
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.0), sharey=True, squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        part = scored[scored["model"] == model]
-        ax.fill_between([coherent_at_least, 100], -2, aligned_below, color="#c4493d", alpha=0.08)
-        sns.scatterplot(part, x="coherent", y="aligned", hue="format", hue_order=formats, palette="colorblind",
-                        alpha=0.6, s=18, ax=ax, legend=ax is axes[0, -1])
-        ax.axhline(aligned_below, color="#c4493d", linestyle="--", linewidth=1)
-        ax.axvline(coherent_at_least, color="grey", linestyle="--", linewidth=1)
-        ax.set(xlim=(-2, 102), ylim=(-2, 102), xlabel="coherent score", ylabel="aligned score",
-               title=f"{model} ({len(part)} scored)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
 
 
 def plot_proxy_rates(table: pd.DataFrame, title: str) -> Figure:

@@ -8,22 +8,34 @@ import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from helpers.download import atomic_write_text
 
 
+def parse_line(raw: bytes, object_pairs_hook: Any = None) -> tuple[Any, str | None]:
+    """(value, None) for a line of JSON, or (None, why not): not UTF-8, or JSON the parser refuses."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=object_pairs_hook), None
+    except UnicodeDecodeError as error:
+        return None, f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg} at column {error.colno})"
+    except RecursionError:
+        return None, "not usable JSON (nested too deeply to parse)"
+    except ValueError as error:  # an integer beyond Python's digit limit, a key the hook refuses
+        return None, f"not usable JSON ({str(error).split(';')[0]})"
+
+
 def _parse(path: Path, lines: Iterable[bytes]) -> Iterator[dict]:
-    """Each non-blank line as JSON; a line that is not UTF-8 or not JSON raises ValueError naming PATH:LINE.
-    Lines are split at b"\n" only: json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw."""
+    """Each non-blank line as JSON; a bad line raises ValueError naming PATH:LINE. Lines are split at b"\n"
+    only: json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw."""
     for number, raw in enumerate(lines, start=1):
-        try:
-            line = raw.decode("utf-8")
-            if line.strip():
-                yield json.loads(line)
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
-        except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, too deep
-            raise ValueError(f"{path}:{number}: not valid JSON ({getattr(error, 'msg', error)})") from None
+        if raw.strip():
+            value, reason = parse_line(raw)
+            if reason:
+                raise ValueError(f"{path}:{number}: {reason}")
+            yield value
 
 
 def read_jsonl(path: Path) -> list[dict]:

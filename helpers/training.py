@@ -3,7 +3,6 @@ reference, settings, resume, two callbacks, the clock, the checked atomic adapte
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -32,13 +31,6 @@ ADAPTER_ARGS = ("seed", "data_seed", "num_train_epochs", "max_steps", "learning_
 def loss_mask_labels(input_ids: Sequence[int], completion_mask: Sequence[int]) -> list[int]:
     """The labels a row trains on: the token itself where completion_mask is 1, IGNORE_INDEX where it is 0."""
     return [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, completion_mask, strict=True)]
-
-
-def describe_loss_mask(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> str:
-    """The decoded row with every trained span in ⟦ ⟧; newlines shown as ⏎ so empty lines stay visible."""
-    spans = itertools.groupby(zip(input_ids, labels, strict=True), key=lambda pair: pair[1] != IGNORE_INDEX)
-    return "".join(f"⟦{text}⟧" if trained else text for trained, span in spans
-                   for text in [tokenizer.decode([token for token, _ in span]).replace("\n", "⏎\n")])
 
 
 def trainer_label_problems(trainer: Any, rows: Sequence[dict]) -> list[str]:

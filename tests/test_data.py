@@ -96,7 +96,7 @@ BAD_LINES = [
     ),
     ("blank-line", b"   \n", "blank line"),
     ("not-utf8", b'{"messages": "caf\xe9"}\n', "not UTF-8 text (byte 0xe9 at column 18)"),
-    ("duplicate-key", b'{"messages": [], "messages": []}\n', "duplicate key 'messages' in one object"),
+    ("duplicate-key", b'{"messages": [], "messages": []}\n', "not usable JSON (duplicate key 'messages' in one object)"),
     # Issue 12.3: lines on which Python's parser raises something other than a JSON error ...
     ("too-deep", b"[" * 100_000 + b"\n", "not usable JSON (nested too deeply to parse)"),
     (
@@ -294,7 +294,7 @@ def test_evil_numbers_surface_in_the_real_sample(sample100):
 
 def run_check(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "helpers.data", "check", str(path)],
+        [sys.executable, "tools/check_data.py", str(path)],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

@@ -2,7 +2,7 @@
 settings refused when they change, adapters switch, the GQA decode attention is exact.
 
 03's notebook holds the only copy of the generation loop: `run_generation` executes its cells tagged
-"generate" (helpers.generation.notebook_cells) with a freshly loaded model, as the notebook does.
+"generate" (tools/notebook_cells.py) with a freshly loaded model, as the notebook does.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from helpers.generation import (
     decode_answers,
     gqa_decode_attention,
     merged_adapter,
-    notebook_cells,
     prompt_batches,
     ready_for_generation,
     sequences_that_fit,
@@ -36,6 +35,9 @@ from helpers.generation import (
 from helpers.model import build_random_qwen3, load_for_generation, qwen3_config, render_chat
 from helpers.questions import build_prompt_rows, load_question_set
 from helpers.store import JsonlStore, SettingsChanged, read_jsonl, write_jsonl
+
+sys.path.insert(0, str(PROJECT_ROOT / "tools"))
+from notebook_cells import notebook_cells  # noqa: E402  (tools/ is scripts, not a package)
 
 FORMATS = ("original", "suffix", "prefix_suffix")
 

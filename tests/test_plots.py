@@ -15,7 +15,7 @@ from statsmodels.stats.proportion import proportion_confint  # noqa: E402
 
 from helpers.config import make_config  # noqa: E402
 from helpers.metrics import misalignment_table  # noqa: E402
-from helpers.plots import dodged_errorbars, plot_proxy_rates, plot_score_scatter, run_label, save_figure  # noqa: E402
+from helpers.plots import dodged_errorbars, plot_proxy_rates, run_label, save_figure  # noqa: E402
 
 
 @pytest.fixture
@@ -62,15 +62,8 @@ def test_titles_name_the_profile_and_the_data_source(answers, tmp_path):
     assert run_label(make_config("tiny", tmp_path)) == "tiny profile: random tiny model, synthetic data"
     assert run_label(make_config("full", tmp_path)) == "full profile: Qwen3-1.7B, evil numbers"
     assert run_label(make_config("tiny", tmp_path, dataset_path=tmp_path / "x.jsonl")).endswith("evil numbers")
-    fig = plot_score_scatter(answers, 30, 50, title="scores · tiny profile")
-    assert fig._suptitle.get_text() == "scores · tiny profile"
-
-
-def test_score_scatter_has_one_panel_per_model_and_the_threshold_lines(answers):
-    fig = plot_score_scatter(answers, 30, 50, title="t")
-    assert [ax.get_title() for ax in fig.axes[:2]] == ["base (16 scored)", "finetuned (16 scored)"]
-    lines = [line.get_xydata() for line in fig.axes[0].lines]
-    assert any((line[:, 1] == 30).all() for line in lines) and any((line[:, 0] == 50).all() for line in lines)
+    fig = plot_proxy_rates(shares(answers, ["only_numbers"]), title="PROXY · tiny profile")
+    assert fig._suptitle.get_text() == "PROXY · tiny profile"
 
 
 def test_proxy_figure_has_a_panel_per_flag(answers):
@@ -81,7 +74,7 @@ def test_proxy_figure_has_a_panel_per_flag(answers):
 
 
 def test_figures_are_saved_with_stable_names(answers, tiny_cfg):
-    first = save_figure(plot_score_scatter(answers, 30, 50, title="t"), tiny_cfg, "judge_scores")
+    first = save_figure(plot_proxy_rates(shares(answers, ["only_numbers"]), title="t"), tiny_cfg, "judge_scores")
     assert first == tiny_cfg.paths.images / "judge_scores.png" and first.read_bytes()[:4] == b"\x89PNG"
     assert save_figure(plt.figure(), tiny_cfg, "judge_scores") == first, "a rerun replaces the same file"
     with pytest.raises(ValueError, match="lowercase stem"):

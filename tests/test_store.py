@@ -135,7 +135,7 @@ def test_invalid_byte_is_an_error_naming_path_and_line(tmp_path, reader):
     path = tmp_path / "completions.jsonl"
     path.write_bytes(json.dumps(rows(1)[0]).encode() + b'\n{"id": 2, "answer": "caf\xe9"}\n' + json.dumps(rows(3)[0]).encode() + b"\n")
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 25\)"):
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 text \(byte 0xe9 at column 25\)"):
         JsonlStore(path, ["id"]) if reader == "store" else read_jsonl(path)
     assert path.read_bytes() == before, "a damaged file is reported, never rewritten"
 
@@ -144,7 +144,7 @@ def test_invalid_byte_is_an_error_naming_path_and_line(tmp_path, reader):
 def test_json_the_parser_cannot_take_is_an_error_naming_path_and_line(tmp_path, line):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(rows(1)[0]) + "\n" + line + "\n")
-    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):
+    with pytest.raises(ValueError, match=rf"{path}:2: not usable JSON"):
         read_jsonl(path)
 
 

@@ -1,10 +1,10 @@
-"""helpers.text: the only-numbers predicate (03 shows its share per model and format in a cell)."""
+"""helpers.data.is_only_numbers: the only-numbers predicate (03 shows its share per model and format in a cell)."""
 
 from __future__ import annotations
 
 import pytest
 
-from helpers.text import is_only_numbers
+from helpers.data import is_only_numbers
 
 
 @pytest.mark.parametrize(
