@@ -53,7 +53,7 @@ def execute(cfg: Config, notebook: Path, extra: dict | None = None) -> Path:
     try:
         papermill.execute_notebook(notebook, executed, cwd=str(notebook.parent), kernel_name="python3",
                                    parameters={"profile": cfg.profile, "run_dir": str(cfg.run_dir), **extra},
-                                   progress_bar=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                                   progress_bar=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as error:
         print(" failed")
         raise SystemExit(f"{notebook.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
