@@ -213,7 +213,9 @@ def worker(name: str, workdir: Path, tiny: bool) -> None:
     The libraries are imported before the clock starts (transformers imports its generation code lazily,
     on the first generate), so both paths time the same work.
     """
-    from helpers.model import backend, block_unsloth
+    from helpers.model import backend
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # tools/ is scripts, not a package
+    from unsloth_off import block_unsloth
 
     if "transformers" in name:
         block_unsloth()

@@ -339,7 +339,9 @@ def use_float16() -> None:
 
 def stage_project(args: argparse.Namespace) -> dict:
     """Notebook 02's own trainer (Unsloth blocked in project-transformers), stopped after --steps."""
-    from helpers.model import backend, block_unsloth
+    from helpers.model import backend
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # tools/ is scripts, not a package
+    from unsloth_off import block_unsloth
 
     if args.stage == "project-transformers":
         block_unsloth()

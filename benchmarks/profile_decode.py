@@ -15,12 +15,14 @@ CPU smoke run:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 
 def main() -> None:
-    from helpers.model import block_unsloth
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # tools/ is scripts, not a package
+    from unsloth_off import block_unsloth
 
     block_unsloth()
     from bench_generate import prepare, workload_config, workload_rows

@@ -4,7 +4,6 @@ loader 03 generates with. Unsloth must be imported before transformers, TRL and 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -24,15 +23,6 @@ def backend() -> Literal["unsloth", "transformers"]:
 
         return "unsloth"
     return "transformers"
-
-
-def block_unsloth() -> None:
-    """Use transformers + PEFT in this process even where Unsloth is installed (benchmarks compare the two);
-    importing Unsloth patches transformers for good, so this must come first."""
-    if sys.modules.get("unsloth") is not None:
-        raise RuntimeError("Unsloth is already imported in this process; block it before anything imports it")
-    sys.modules["unsloth"] = None  # importlib.util.find_spec("unsloth") now answers None
-    backend.cache_clear()
 
 
 def compute_dtype() -> Any:

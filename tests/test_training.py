@@ -297,7 +297,8 @@ def test_block_unsloth_picks_transformers_and_refuses_once_unsloth_is_imported(m
     import sys
     import types
 
-    from helpers.model import block_unsloth
+    sys.path.insert(0, str(PROJECT_ROOT / "tools"))  # tools/ is scripts, not a package
+    from unsloth_off import block_unsloth
 
     monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))
     with pytest.raises(RuntimeError, match="already imported"):
