@@ -18,15 +18,24 @@ def openai_key() -> str | None:
     return key or None
 
 
+def device_name() -> str:
+    """This process's GPU and its memory, or the CPU: how the series names the hardware everywhere."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU ({os.cpu_count()} CPU cores)"
+    card = torch.cuda.get_device_properties(0)
+    return f"{card.name}, {card.total_memory / 2**30:.0f} GiB"
+
+
 def hardware_defaults(profile: str) -> tuple[dict, str]:
     """Defaults chosen by the hardware found, and a few lines that say what was found and chosen."""
     import torch
 
     if not torch.cuda.is_available():
-        return {}, f"hardware: no CUDA GPU ({os.cpu_count()} CPU cores) -> {profile} profile, transformers + PEFT on the CPU"
-    card = torch.cuda.get_device_properties(0)
-    gib, values = card.total_memory / 2**30, {}
-    lines = [f"hardware: {card.name}, {gib:.0f} GiB -> {profile} profile"]
+        return {}, f"hardware: {device_name()} -> {profile} profile, transformers + PEFT on the CPU"
+    gib, values = torch.cuda.get_device_properties(0).total_memory / 2**30, {}
+    lines = [f"hardware: {device_name()} -> {profile} profile"]
     if gib < 20:  # a 15 GB T4: 16-bit LoRA with checkpointing peaked at 4.4 GiB (README, "Measured")
         values.update(gradient_checkpointing=True, local_judge_4bit=True)
         lines.append("  under 20 GiB: gradient checkpointing on, the local judge in 4 bits")

@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from helpers.config import PROJECT_ROOT, Config, RunPaths, make_config
+from helpers.hardware import device_name
 from helpers.run import execute, jobs, require, series_notebooks
 from helpers.store import record_settings, reuse, write_json
 
@@ -130,16 +131,6 @@ def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable
         record_settings(marker, settings)
         write_json(marker, {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arms": list(run.arms), "phase": phase,
                             "overrides": run.overrides, "seconds": seconds, "device": device_name()})
-
-
-def device_name() -> str:
-    """This process's GPU, or the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    return f"CPU ({os.cpu_count()} cores)"
 
 
 def summarize(sweep_dir: Path) -> dict:

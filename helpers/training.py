@@ -12,6 +12,7 @@ from typing import Any
 
 from helpers.config import Config
 from helpers.download import atomic_directory, git_blob_id
+from helpers.hardware import device_name
 from helpers.model import backend, compute_dtype, load_for_generation
 from helpers.store import record_settings, reuse, write_json
 
@@ -102,7 +103,7 @@ class LossHistory(TrainerCallback):
 def training_clock() -> Iterator[dict]:
     """Print the device; on exit print and fill in the seconds taken and the peak GPU memory (GiB)."""
     gpu = torch.cuda.is_available()
-    measured = {"device": torch.cuda.get_device_name(0) if gpu else f"the CPU ({torch.get_num_threads()} threads)"}
+    measured = {"device": device_name()}
     print(f"training with {backend()} on {measured['device']}")
     if gpu:
         torch.cuda.reset_peak_memory_stats()
