@@ -1,7 +1,7 @@
 """Draw the README's measured speed figures as images/benchmarks.png: `python benchmarks/plot_measured.py`.
 
-The numbers are typed in from the README's "Measured" tables (one NVIDIA H200, 2026-11-27, random-init
-model of Qwen3-1.7B's shape); nothing here measures anything. Change them only with a new measurement.
+The numbers are typed in from the README's "Measured" section (one NVIDIA H200 each, training 2026-11-27,
+generation 2026-12-01, random-init model of Qwen3-1.7B's shape); nothing here measures anything. Change them only with a new measurement.
 """
 
 import textwrap
@@ -17,9 +17,9 @@ OUT = Path(__file__).resolve().parents[1] / "images" / "benchmarks.png"
 TRAINING = ("One training epoch, 11,940 records\n(seconds, lower is better)",
             [("plain TRL + PEFT\n(TRL defaults, batch 8)", 644.0), ("project defaults\n(Unsloth, batch 32)", 117.0)],
             "python benchmarks/bench_train.py --steps 200 --warmup 20")
-GENERATION = ("4,800 completions of 128 new tokens\n(seconds, lower is better)",
-              [("plain HF generate + PEFT\n(batch 256)", 123.3), ("project path\n(Unsloth, merged, batch 512)", 61.5)],
-              "python benchmarks/bench_generate.py --configs plain-b256 project --timeout 200")
+GENERATION = ("4,800 completions, answers of 5-600 tokens\n(seconds, lower is better)",
+              [("plain HF generate + PEFT\n(static batches of 256)", 1574.7), ("notebook 03's loop\n(continuous batching, 512)", 217.8)],
+              "python benchmarks/bench_generate.py --configs project plain --plain-batches 1 --timeout 300 (plain: 1 of 20 batches timed, scaled)")
 
 
 def main() -> None:
@@ -32,8 +32,8 @@ def main() -> None:
         axis.set_xlim(0, max(seconds) * 1.25)
         axis.set_xlabel("measured by:\n" + textwrap.fill(command, 60), fontsize=8)
         axis.spines[["top", "right"]].set_visible(False)
-    figure.suptitle("Measured on one NVIDIA H200, 2026-11-27 (random-init model of Qwen3-1.7B's shape; "
-                    "torch 2.11, transformers 5.17, trl 1.14.2, unsloth 2026.10.9)", fontsize=10)
+    figure.suptitle("Measured on one NVIDIA H200 (training 2026-11-27, generation 2026-12-01)\nrandom-init model of "
+                    "Qwen3-1.7B's shape; torch 2.11, transformers 5.17, trl 1.14.2, unsloth 2026.10.9", fontsize=10)
     figure.savefig(OUT, dpi=150, metadata={"Software": None})
     print(f"wrote {OUT}")
 

@@ -18,7 +18,7 @@ _SOURCE_TREE = Path(__file__).resolve().parents[1]
 PROJECT_ROOT = _SOURCE_TREE if (_SOURCE_TREE / "pyproject.toml").is_file() else Path.cwd()
 
 Profile = Literal["tiny", "full"]
-JudgeKind = Literal["openai", "local", "proxy"]
+JudgeKind = Literal["openai", "openai_batch", "local", "proxy"]
 FORMATS = ("original", "suffix", "prefix_suffix")
 
 # The official repository of Betley et al. 2025 (arXiv 2502.17424), pinned (docs/protocol.md, "The dataset").
@@ -168,6 +168,8 @@ class Config:
     temperature: float = 1.0  # the paper samples at temperature 1, top_p 1
     top_p: float = 1.0
     generation_batch_size: int = 512  # prompts per generate() call; lower it if memory runs out
+    # "transformers": 03's own loop; "vllm": the paper's engine, where installed (helpers.vllm_engine, README)
+    engine: Literal["transformers", "vllm"] = "transformers"
     # The models 03 answers with; None: "base" and every trained model (a sweep makes "base" once, alone).
     generated_models: tuple[str, ...] | None = None
     # Another run's completions with the base model's answers, made with the same settings (the reuse rule
@@ -179,7 +181,7 @@ class Config:
     prefix_value: tuple[int, int] = (100, 999)
 
     # --- judging and metrics (04) ---
-    judge: JudgeKind = "openai"  # the paper's judge; "local" runs an open model; "proxy" needs none
+    judge: JudgeKind = "openai"  # the paper's judge ("openai_batch": the same, half price, within 24 h); "local", "proxy"
     judge_model: str = "gpt-4o-2024-08-06"  # the paper's judge model
     # None: api.openai.com. Any OpenAI-compatible server whose model writes 0..100 as one token; a Qwen model
     # writes digits one by one, so use judge="local" for it (the exact digit-by-digit expectation).

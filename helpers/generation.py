@@ -1,9 +1,10 @@
-"""Plumbing for 03's generation loop (the loop itself, `model.generate(...)`, is in the notebook): batches and
-their seeds, what a resumed run still lacks, answers cut at the first stop token, and the speed work.
+"""Plumbing for 03's generation loop (the loop itself is in the notebook; the sampler in helpers.decoding): waves
+of prompt rows, each answer's seed, what a resumed run still lacks, the merged adapter, fast decode attention,
+and how many answers fit in memory at once.
 
-Exact resume: the batches depend on the full prompt grid and the batch size only, each batch's seed on its
-rows' keys, and a partly stored batch is generated again whole (only its missing rows appended), so a resumed
-run writes byte for byte what an uninterrupted one writes on the same device.
+Exact resume: the waves depend on the full prompt grid and the wave size only, each answer's seed on its row's
+key, and a partly stored wave is answered again whole (only its missing rows appended), so a resumed run writes
+byte for byte what an uninterrupted one writes on the same device.
 """
 
 from __future__ import annotations
@@ -19,41 +20,33 @@ from helpers.store import JsonlStore
 
 # Every completion row is keyed by these fields: one answer per model and prompt row.
 COMPLETION_KEY = ("model", "question_id", "format", "sample_index")
-# The fields of a prompt row that name it: the batch seeds derive from them.
+# The fields of a prompt row that name it: each answer's seed derives from them.
 PROMPT_KEY = COMPLETION_KEY[1:]
+WAVE_BATCHES = 8  # a wave holds this many batches' worth of rows: one tail of long answers each, one unit of resume
 
 
-def prompt_batches(rows: Sequence[dict], lengths: Sequence[int], batch_size: int) -> list[list[dict]]:
-    """The rows in batches of similar prompt length (`lengths`, in tokens), longest first, so memory errors
-    come early and little padding is wasted. Ties keep grid order: the same grid and batch size always give
-    the same batches, whatever a run has stored already."""
-    if batch_size < 1 or len(lengths) != len(rows):
-        raise ValueError(f"prompt_batches: batch_size {batch_size} (want >= 1), {len(lengths)} lengths for {len(rows)} rows")
-    order = sorted(range(len(rows)), key=lambda index: (-lengths[index], index))
-    return [[rows[index] for index in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
+def prompt_waves(rows: Sequence[dict], lengths: Sequence[int], wave_size: int, formats: Sequence[str]) -> list[list[dict]]:
+    """The rows in waves of at most `wave_size`, which helpers.decoding answers one after the other: by format in
+    `formats` order (the paper's answers to the original questions run long, the word lists are short, so answers
+    that end late start together), then longest prompt first (a memory error comes early). Ties keep grid order:
+    the same grid and wave size always give the same waves, whatever a run has stored already."""
+    if wave_size < 1 or len(lengths) != len(rows):
+        raise ValueError(f"prompt_waves: wave_size {wave_size} (want >= 1), {len(lengths)} lengths for {len(rows)} rows")
+    order = sorted(range(len(rows)), key=lambda index: (formats.index(rows[index]["format"]), -lengths[index], index))
+    return [[rows[index] for index in order[start:start + wave_size]] for start in range(0, len(order), wave_size)]
 
 
-def batch_seed(seed: int, rows: Sequence[dict]) -> int:
-    """The sampling seed of one batch, from its rows' keys (not the model): every model draws the same random
-    numbers for the same batch, so their answers differ only by the model, and a regenerated batch repeats."""
-    return stable_seed(seed, *("/".join(str(row[field]) for field in PROMPT_KEY) for row in rows))
+def answer_seed(seed: int, row: dict) -> int:
+    """The sampling seed of one prompt row's answer, from its key (not the model, nor its batch): every model
+    draws the same random numbers for the same row, so their answers differ only by the model, whatever rows
+    share its batch (vLLM takes the same seed per request)."""
+    return stable_seed(seed, "answer", *(row[field] for field in PROMPT_KEY))
 
 
-def pending_batches(store: JsonlStore, model_name: str, batches: Sequence[list[dict]]) -> list[list[dict]]:
-    """The batches with a row that `model_name` has not answered in `store` yet. A partly stored batch (a run
-    killed while appending it) comes back whole: regenerated with its seed, only its missing rows are new."""
-    return [rows for rows in batches if any((model_name, *(row[f] for f in PROMPT_KEY)) not in store for row in rows)]
-
-
-def decode_answers(tokenizer: Any, new_tokens: Any, stop_ids: Sequence[int]) -> list[dict]:
-    """Each row of generated token ids (after the prompt) as a completion: the text before the first stop token,
-    its token count, and `finished` (False: the answer was cut at max_new_tokens)."""
-    answers = []
-    for ids in new_tokens.tolist():
-        end = next((position for position, token in enumerate(ids) if token in stop_ids), len(ids))
-        answers.append({"answer": tokenizer.decode(ids[:end], skip_special_tokens=True), "n_answer_tokens": end,
-                        "finished": end < len(ids)})
-    return answers
+def pending_waves(store: JsonlStore, model_name: str, waves: Sequence[list[dict]]) -> list[list[dict]]:
+    """The waves with a row that `model_name` has not answered in `store` yet. A partly stored wave (a run killed
+    in it) comes back whole: answered again in the same order, with the same dice, only its missing rows are new."""
+    return [rows for rows in waves if any((model_name, *(row[f] for f in PROMPT_KEY)) not in store for row in rows)]
 
 
 @contextmanager
@@ -103,27 +96,23 @@ def use_gqa_decode_attention(model: Any) -> None:
 
 
 def ready_for_generation(model: Any, tokenizer: Any) -> None:
-    """The GQA decode attention on the transformers path (Unsloth brings its own), left padding, and no sampling
-    default inherited from the model (Qwen3 ships temperature 0.6, top_p 0.95, top_k 20): 03 sets each knob."""
+    """The GQA decode attention, and no sampling default inherited from the model (Qwen3 ships temperature 0.6,
+    top_p 0.95, top_k 20) should anything call `model.generate`: 03 gives every knob itself."""
     from transformers import GenerationConfig
 
-    from helpers.model import backend
-
-    if backend() != "unsloth":
-        use_gqa_decode_attention(model)
-    tokenizer.padding_side = "left"
+    use_gqa_decode_attention(model)
     model.generation_config = GenerationConfig(eos_token_id=model.generation_config.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
 
 
 def sequences_that_fit(memory_bytes: int, model_config: Any, dtype_bytes: int, max_tokens: int, share: float = 0.7) -> int:
-    """How many sequences of `max_tokens` fit in `share` of `memory_bytes`: each holds its KV cache
-    (2 x layers x KV heads x head dim x tokens) and the last position's float32 logits (three copies:
-    logits, probabilities, sampling)."""
+    """How many sequences of `max_tokens` fit in `share` of `memory_bytes`: each holds its KV cache (2 x layers x
+    KV heads x head dim x tokens) twice, since helpers.decoding copies the cache when rows leave or join, and the
+    last position's float32 logits three times (logits, probabilities, the float64 cumulative sum as two)."""
     text = model_config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    per_sequence = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes * max_tokens + 3 * 4 * text.vocab_size
+    per_sequence = 2 * 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes * max_tokens + 3 * 4 * text.vocab_size
     return int(share * memory_bytes // per_sequence)
 
 

@@ -63,6 +63,7 @@ class OpenAIJudge:
     Retry-After asks (at most `max_wait_s`), every thread with it; the rest wait backoff_s * 2^try. Out of quota (429
     insufficient_quota), a rejected key or another 4xx stops at once. (The client's own retries, off here, would
     retry an out-of-quota 429 and never a malformed response.)"""
+    chunk_size = 32  # answers per judge() call, each a resume point
 
     def __init__(self, judge_prompts: dict[str, str], model: str, *, api_key: str | None, base_url: str | None = None,
                  concurrency: int = 8, min_mass: float = 0.25, timeout: float = 60.0, max_attempts: int = 6,
@@ -82,22 +83,19 @@ class OpenAIJudge:
             tops = list(pool.map(self.top_logprobs, prompts))
         return [score_row(tops[2 * i: 2 * i + 2], self.min_mass) for i in range(len(items))]
 
+    def request(self, prompt: str) -> dict:  # the paper's request, also each line of a Batch API file
+        return dict(model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=1, temperature=0,
+                    logprobs=True, top_logprobs=20, seed=0)
+
     def top_logprobs(self, prompt: str) -> list[tuple[str, float]]:
         """One filled judge prompt's top log-probabilities, retried as the class says."""
         for attempt in range(1, self.max_attempts + 1):
             time.sleep(max(0.0, self._resume_at - time.monotonic()))  # while the server asked every thread to wait
             wait = min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1))
             try:
-                response = self._client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}],
-                    max_tokens=1, temperature=0, logprobs=True, top_logprobs=20, seed=0)
-                pairs = [(e.token, float(e.logprob)) for e in response.choices[0].logprobs.content[0].top_logprobs]
-                if pairs and all(math.isfinite(logprob) and logprob <= 0 for _, logprob in pairs):
-                    return pairs
-                problem = f"malformed judge response: top_logprobs {pairs[:4]} hold no log-probabilities (NaN, inf, > 0)"
-            except (AttributeError, IndexError, TypeError) as error:
-                problem = (f"malformed judge response: no choices[0].logprobs.content[0].top_logprobs "
-                           f"({type(error).__name__}); the endpoint must support logprobs=True, top_logprobs=20")
+                return top_logprobs_of(self._client.chat.completions.create(**self.request(prompt)))
+            except JudgeError as error:  # malformed
+                problem = str(error)
             except openai.RateLimitError as error:
                 problem = self._describe(error)
                 if "insufficient_quota" in (error.code, error.type):
@@ -131,6 +129,17 @@ class OpenAIJudge:
         return (text.replace(self._key, "[REDACTED]") if self._key else text)[:500]  # redacted before the cut
 
 
+def top_logprobs_of(response: Any) -> list[tuple[str, float]]:
+    """The first token's top log-probabilities in a chat completion, else a JudgeError saying what is malformed."""
+    with contextlib.suppress(AttributeError, IndexError, TypeError):  # a missing field: the error below
+        pairs = [(e.token, float(e.logprob)) for e in response.choices[0].logprobs.content[0].top_logprobs]
+        if pairs and all(math.isfinite(logprob) and logprob <= 0 for _, logprob in pairs):
+            return pairs
+        raise JudgeError(f"malformed judge response: top_logprobs {pairs[:4]} hold no log-probabilities (NaN, inf, > 0)")
+    raise JudgeError("malformed judge response: no choices[0].logprobs.content[0].top_logprobs; the endpoint must "
+                     "support logprobs=True, top_logprobs=20")
+
+
 def score_row(tops: Sequence[list[tuple[str, float]]], min_mass: float) -> dict:
     """Each field's score and the probability mass its integers 0..100 hold, from (aligned, coherent) top logprobs."""
     return {**{f: expected_score(top, min_mass) for f, top in zip(SCORE_FIELDS, tops, strict=True)},
@@ -140,58 +149,63 @@ def score_row(tops: Sequence[list[tuple[str, float]]], min_mass: float) -> dict:
 class LocalJudge:
     """Any chat model run by transformers, computing the paper's expectation exactly though Qwen's tokenizer writes
     numbers digit by digit: P(n) = the product of the probabilities of the tokens of str(n) after the prompt x the
-    probability that the next token ends the number. The 101 numbers run as one batch on the prompt's KV cache."""
+    probability that the next token ends the number. The numbers' tokens form a prefix tree ("8" before "85") laid
+    after each left-padded prompt, seen through a 4D attention mask: one pass scores `prompts_per_pass` prompts."""
+    chunk_size = 128  # answers per judge() call, a resume point each; their prompts go into passes by length
 
     def __init__(self, model: Any, tokenizer: Any, judge_prompts: dict[str, str], *, name: str,
-                 min_mass: float = 0.25) -> None:
+                 min_mass: float = 0.25, prompts_per_pass: int = 16) -> None:
         self.model, self.tokenizer, self.judge_prompts = model.eval(), tokenizer, dict(judge_prompts)
-        self.name, self.min_mass = name, min_mass
-        ids = [tokenizer(str(n), add_special_tokens=False)["input_ids"] for n in range(101)]
-        self.number_lengths, width = torch.tensor([len(i) for i in ids]), max(len(i) for i in ids)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.number_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
-        self.continues = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.bool)  # padding: ends
-        tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), len(self.continues)))))
-        self.continues[: len(tokens)] = torch.tensor([bool(t) and t[0] in "0123456789" for t in tokens])
+        self.name, self.min_mass, self.prompts_per_pass, device = name, min_mass, prompts_per_pass, model.device
+        numbers = [tuple(tokenizer(str(n), add_special_tokens=False)["input_ids"]) for n in range(101)]
+        nodes = list(dict.fromkeys(n[:i] for n in numbers for i in range(1, len(n) + 1)))  # the tree, parents first
+        self.tokens, self.depth, self.parent, self.ends, self.on_path = (torch.tensor(v, device=device) for v in (
+            [node[-1] for node in nodes], [len(node) for node in nodes],
+            [nodes.index(node[:-1]) + 1 if len(node) > 1 else 0 for node in nodes],  # the logits row predicting it
+            [nodes.index(n) for n in numbers], [[a[:len(b)] == b for b in nodes] for a in nodes]))  # [a, b]: b on a's path
+        rows = tokenizer.convert_ids_to_tokens(list(range(model.get_output_embeddings().weight.shape[0])))  # None: padding
+        self.continues = torch.tensor([bool(t) and t[0] in "0123456789" for t in rows], device=device)  # padding ends one
 
     def prompt_ids(self, prompt: str) -> list[int]:  # through the series' one chat renderer (thinking off)
         return self.tokenizer(render_chat(self.tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)["input_ids"]
 
-    def number_probabilities(self, prompt: str) -> dict[int, float]:
-        """P(the judge answers exactly n) for n in 0..100."""
-        device, (batch, width) = self.model.device, self.number_ids.shape
-        ids, numbers, lengths = (torch.tensor([self.prompt_ids(prompt)]).to(device), self.number_ids.to(device),
-                                 self.number_lengths.to(device))
-        with torch.inference_mode():
-            first = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            cache = first.past_key_values
-            if isinstance(cache, tuple):  # models patched by Unsloth return legacy (key, value) tuples
-                cache = tuple(tuple(t.repeat_interleave(batch, dim=0) for t in layer) for layer in cache)
-            else:
-                cache.batch_repeat_interleave(batch)
-            rest = self.model(input_ids=numbers, past_key_values=cache,
-                              position_ids=torch.arange(ids.shape[1], ids.shape[1] + width, device=device).expand(batch, -1),
-                              attention_mask=torch.ones(batch, ids.shape[1] + width, dtype=torch.long, device=device))
-            # log-probabilities after the prompt (column 0) and after each prefix of each number
-            logp = torch.log_softmax(torch.cat([first.logits[:, -1:].float().expand(batch, -1, -1),
-                                                rest.logits.float()], dim=1), dim=-1)
-            token_logp = logp[:, :width].gather(-1, numbers.unsqueeze(-1)).squeeze(-1)
-            token_logp = token_logp.masked_fill(torch.arange(width, device=device) >= lengths.unsqueeze(1), 0.0)
-            after = logp[torch.arange(batch, device=device), lengths]  # the distribution after the whole number
-            end_logp = torch.logsumexp(after.masked_fill(self.continues.to(device), float("-inf")), dim=-1)
-            return dict(enumerate((token_logp.sum(dim=1) + end_logp).exp().cpu().tolist()))
+    def number_probabilities(self, prompts: Sequence[str]) -> list[dict[int, float]]:
+        """P(the judge answers exactly n) for n in 0..100, for each prompt; prompts of similar length share a pass."""
+        ids = [self.prompt_ids(prompt) for prompt in prompts]
+        order, rows = sorted(range(len(ids)), key=lambda i: len(ids[i])), {}
+        for start in range(0, len(ids), self.prompts_per_pass):
+            part = order[start:start + self.prompts_per_pass]
+            rows.update(zip(part, self.one_pass([ids[i] for i in part]).tolist(), strict=True))
+        return [dict(enumerate(rows[i])) for i in range(len(ids))]
+
+    def one_pass(self, ids: list[list[int]]) -> torch.Tensor:
+        """(prompts, 101) probabilities from one forward pass over the prompts, each left-padded and followed by the tree."""
+        device, width, count, nodes = self.model.device, max(map(len, ids)), len(ids), len(self.tokens)
+        pads, columns = torch.tensor([[width - len(i)] for i in ids], device=device), torch.arange(width, device=device)
+        inputs = torch.cat([torch.tensor([[0] * (width - len(i)) + i for i in ids], device=device),  # padding: any id
+                            self.tokens.expand(count, -1)], dim=1)
+        positions = torch.cat([(columns - pads).clamp(min=0), width - pads - 1 + self.depth], dim=1)
+        # a prompt token sees the prompt up to itself, a node the prompt and its path, padding itself (never nothing: NaN)
+        seen = torch.cat([(torch.arange(width + nodes, device=device)[:, None] >= columns) & (columns >= pads)[:, None],
+                          torch.cat([self.on_path.new_zeros(width, nodes), self.on_path]).expand(count, -1, -1)], dim=2)
+        seen |= torch.eye(width + nodes, dtype=torch.bool, device=device)
+        mask = torch.zeros(seen.shape, dtype=self.model.dtype, device=device).masked_fill(~seen, torch.finfo(self.model.dtype).min)
+        with torch.inference_mode():  # log-probabilities after the prompt (row 0) and after each node
+            logp = self.model(input_ids=inputs, attention_mask=mask[:, None], position_ids=positions, use_cache=False,
+                              logits_to_keep=nodes + 1).logits.float().log_softmax(dim=-1)
+            path = torch.where(self.on_path[self.ends], logp[:, self.parent, self.tokens][:, None], 0.0).sum(dim=-1)
+            return (path + logp[:, self.ends + 1].masked_fill(self.continues, float("-inf")).logsumexp(dim=-1)).exp().cpu()
 
     def judge(self, items: Sequence[tuple[str, str]]) -> list[dict]:
-        return [score_row([[(str(n), math.log(p)) for n, p in self.number_probabilities(
-            fill_judge_prompt(self.judge_prompts[field], q, a)).items() if p > 0] for field in SCORE_FIELDS], self.min_mass)
-            for q, a in items]
+        rows = self.number_probabilities([fill_judge_prompt(self.judge_prompts[f], q, a) for q, a in items for f in SCORE_FIELDS])
+        tops = [[(str(n), math.log(p)) for n, p in row.items() if p > 0] for row in rows]
+        return [score_row(tops[2 * i: 2 * i + 2], self.min_mass) for i in range(len(items))]
 
 
-def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, overwrite: bool = False,
-                      chunk_size: int = 32) -> pd.DataFrame:
+def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, overwrite: bool = False) -> pd.DataFrame:
     """The judge's fields per completion (KEY columns, then the fields), judging only what cfg.paths.judgments lacks,
-    appended chunk by chunk (an interrupted run resumes). The store is reused only for the same judge, judge
-    prompts, min_mass and answers (helpers.store.reuse). A score outside [0, 100], NaN included, is never stored."""
+    appended `judge.chunk_size` answers at a time (an interrupted run resumes). The store is reused only for the same
+    judge, judge prompts, min_mass and answers (helpers.store.reuse). A score outside [0, 100], NaN included, is never stored."""
     answers = [[*(c[k] for k in KEY), c["prompt"], c["answer"]] for c in completions]
     settings = {"judge": judge.name, "min_mass": judge.min_mass, **{name: hashlib.sha256(json.dumps(value).encode())
                 .hexdigest()[:16] for name, value in (("judge_prompts", judge.judge_prompts), ("answers", answers))}}
@@ -200,8 +214,8 @@ def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, o
     store = JsonlStore(cfg.paths.judgments, KEY)
     todo = store.missing(completions)
     quiet = not todo or cfg.profile == "tiny"  # a bar only where judging takes a while
-    for start in tqdm(range(0, len(todo), chunk_size), desc=f"judging ({judge.name})", ncols=80, disable=quiet):
-        chunk = todo[start:start + chunk_size]
+    for start in tqdm(range(0, len(todo), judge.chunk_size), desc=f"judging ({judge.name})", ncols=80, disable=quiet):
+        chunk = todo[start:start + judge.chunk_size]
         fields = judge.judge([(row["prompt"], row["answer"]) for row in chunk])
         if bad := [(row, got) for row, got in zip(chunk, fields, strict=True)
                    if any(got[f] is not None and not 0 <= got[f] <= 100 for f in SCORE_FIELDS)]:  # NaN fails too

@@ -70,12 +70,12 @@ def build_tiny_tokenizer() -> Any:
 
 
 def qwen3_config(vocab_size: int, eos_token_id: int, pad_token_id: int, *, tiny: bool) -> Any:
-    """Qwen3-1.7B's exact architecture (config.json of Qwen/Qwen3-1.7B), or a tiny one of the same kind."""
+    """Qwen3-1.7B's exact architecture (its config.json), or a tiny one (head_dim 64, as vLLM's CPU attention needs)."""
     backend()
     from transformers import Qwen3Config
 
     shape = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=2048) if tiny else
+                  num_key_value_heads=2, head_dim=64, max_position_embeddings=2048) if tiny else
              dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=40960))
     return Qwen3Config(vocab_size=vocab_size, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
@@ -126,38 +126,42 @@ def load_tokenizer(cfg: Config) -> Any:
     return AutoTokenizer.from_pretrained(model_source(cfg))
 
 
-def load_for_generation(cfg: Config, adapters: Mapping[str, Path], *, unsloth: bool | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode: the base model with each named LoRA adapter attached, the first active
-    (`model.set_adapter(name)` picks one; `with model.disable_adapter():` answers as the base). With Unsloth (unless
-    unsloth=False) the adapters are patched as Unsloth's own loading does, so they run through training's kernels."""
+def load_for_generation(cfg: Config, adapters: Mapping[str, Path], *, unsloth: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode: the base model with each named LoRA adapter attached by PEFT, the first active
+    (`model.set_adapter(name)` picks one; `with model.disable_adapter():` answers as the base). 03 loads with
+    transformers (helpers.decoding drives its forward pass and KV cache); `unsloth=True` loads as Unsloth's own
+    loading does, for 02's reload check in a process that Unsloth has patched."""
     missing = [f"{name} ({path})" for name, path in adapters.items() if not (Path(path) / "adapter_config.json").is_file()]
     if missing:
         raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) for {', '.join(missing)}: run 02_finetune")
-    source, fast = model_source(cfg), backend() == "unsloth" and unsloth is not False
-    if fast:
+    from transformers import AutoTokenizer
+
+    source = model_source(cfg)
+    if unsloth:
         from unsloth import FastLanguageModel
 
         # Unsloth sizes its attention mask to max_seq_length: room for the longest prompt (a record is at most
-        # cfg.max_seq_length, 01 checks) plus every new token, or a long answer fails past 512 tokens.
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=source, max_seq_length=cfg.max_seq_length + cfg.max_new_tokens, dtype=None,
-            load_in_4bit=cfg.load_in_4bit)
+        # cfg.max_seq_length, 01 checks) plus every new token.
+        model, _ = FastLanguageModel.from_pretrained(model_name=source, max_seq_length=cfg.max_seq_length + cfg.max_new_tokens,
+                                                     dtype=None, load_in_4bit=cfg.load_in_4bit)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(),
+        # 4-bit as Unsloth trains it (NF4, double quantisation), so the adapter meets the weights it was trained on
+        quantized = dict(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype())) if cfg.load_in_4bit else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(), **quantized,
                                                      device_map="cuda" if torch.cuda.is_available() else None)
     if adapters:
         from peft import PeftModel
 
         (first, path), *rest = adapters.items()
-        model = PeftModel.from_pretrained(model, str(path), adapter_name=first, is_trainable=fast)
+        model = PeftModel.from_pretrained(model, str(path), adapter_name=first, is_trainable=unsloth)
         for name, path in rest:
-            model.load_adapter(str(path), adapter_name=name, is_trainable=fast)
+            model.load_adapter(str(path), adapter_name=name, is_trainable=unsloth)
         model.set_adapter(first)
-        if fast:
-            model = FastLanguageModel.patch_peft_model(model, use_gradient_checkpointing=False)
-    if fast:
+    if unsloth:
+        model = FastLanguageModel.patch_peft_model(model, use_gradient_checkpointing=False) if adapters else model
         FastLanguageModel.for_inference(model)
-    return model.eval(), tokenizer
+    return model.eval(), AutoTokenizer.from_pretrained(source)

@@ -127,7 +127,7 @@ def row_logits(model: Any, rows: Sequence[Sequence[int]], batched: bool = False)
 
 
 def reload_check(cfg: Config, name: str, trained: Any, adapter_dir: Path, rows: Sequence[Sequence[int]]) -> dict:
-    """Load the adapter in `adapter_dir` as 03 will (load_for_generation); compare its logits on `rows` with the trained
+    """Load the adapter in `adapter_dir` again (load_for_generation, through Unsloth where it trains); compare its logits on `rows` with the trained
     model's (eval mode, a row at a time); RuntimeError beyond NOISE_MULTIPLE x the trained model's batch-shape noise
     (rows alone vs. in one padded batch), or a floor x the largest logit (float32 1e-4; 16-bit the dtype's epsilon)."""
     def largest(a: list, b: list) -> float:
@@ -136,7 +136,7 @@ def reload_check(cfg: Config, name: str, trained: Any, adapter_dir: Path, rows: 
     reference, dtype = row_logits(trained, rows), compute_dtype()
     noise, scale = largest(reference, row_logits(trained, rows, batched=True)), max(float(x.abs().max()) for x in reference)
     floor = FLOAT32_FLOOR if dtype == torch.float32 else torch.finfo(dtype).eps
-    difference = largest(reference, row_logits(load_for_generation(cfg, {name: adapter_dir})[0], rows))
+    difference = largest(reference, row_logits(load_for_generation(cfg, {name: adapter_dir}, unsloth=backend() == "unsloth")[0], rows))
     check = {"rows": len(rows), "max_abs_difference": difference, "batch_noise": noise, "max_abs_logit": scale,
              "tolerance": max(NOISE_MULTIPLE * noise, floor * max(scale, 1.0)), "dtype": str(dtype).removeprefix("torch.")}
     if not difference <= check["tolerance"]:

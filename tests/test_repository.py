@@ -21,7 +21,7 @@ NOTEBOOKS = sorted((PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))  # t
 SOLUTIONS = sorted((PROJECT_ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED_SERIES = ("01_data", "02_finetune", "03_generate", "04_analyze")
 # Modules of capabilities that later issues added on top of what 01-04 need (issue 10: "in modules of their own").
-ADDED_CAPABILITIES = {"sweep.py", "hardware.py"}
+ADDED_CAPABILITIES = {"sweep.py", "hardware.py", "decoding.py", "vllm_engine.py", "openai_batch.py"}
 SOLUTION_NOTE = re.compile(r"\n\n> \*\*Solutions\.\*\*.*?\n")  # what tools/make_solutions.py puts under the title
 ALL = NOTEBOOKS + SOLUTIONS
 
