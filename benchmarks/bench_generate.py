@@ -60,14 +60,15 @@ def qwen_token_estimate(text: str) -> int:
 
 def workload_config(workdir: Path, tiny: bool, run_name: str):
     """The benchmark's config: the random model as the base model, stand-in questions, the realistic budget
-    (EM_BENCH_BATCH_SIZE sets the project's batch)."""
+    (EM_BENCH_BATCH_SIZE sets the project's batch, EM_BENCH_SAMPLES the samples a prompt: --batch-size, --samples)."""
     values = dict(model_name=str(workdir / "model"), synthetic_data=True, control_arm=False,
                   cache_dir=workdir / "cache")
     if os.environ.get("EM_BENCH_BATCH_SIZE"):
         values["generation_batch_size"] = int(os.environ["EM_BENCH_BATCH_SIZE"])
+    samples = int(os.environ.get("EM_BENCH_SAMPLES", 4 if tiny else 100))
     if tiny:
-        return make_config("tiny", workdir / run_name, **values, samples_per_question=4, max_new_tokens=40)
-    return make_config("full", workdir / run_name, **values, samples_per_question=100, max_new_tokens=600)
+        return make_config("tiny", workdir / run_name, **values, samples_per_question=samples, max_new_tokens=40)
+    return make_config("full", workdir / run_name, **values, samples_per_question=samples, max_new_tokens=600)
 
 
 def answer_lengths(cfg, rows: list[dict], shape: dict) -> dict[tuple, int]:
@@ -336,11 +337,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, help="default: runs/bench-generate[-tiny] in the project folder")
     parser.add_argument("--timeout", type=float, default=540, help="seconds per configuration")
     parser.add_argument("--batch-size", type=int, help="the project's batch (default: the config's)")
+    parser.add_argument("--samples", type=int, help="samples a prompt (default 100: 4,800 completions); fewer: a subset")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--shape-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch_size:
         os.environ["EM_BENCH_BATCH_SIZE"] = str(args.batch_size)
+    if args.samples:
+        os.environ["EM_BENCH_SAMPLES"] = str(args.samples)
     workdir = (args.workdir or PROJECT_ROOT / "runs" / ("bench-generate-tiny" if args.tiny else "bench-generate")).resolve()
     if args.worker:
         worker(args.worker, workdir, args.tiny, json.loads(args.shape_json), args.plain_batches)
