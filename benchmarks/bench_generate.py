@@ -215,7 +215,7 @@ def run_project(workdir: Path, tiny: bool, shape: dict) -> dict:
     import torch
 
     import helpers.decoding
-    from helpers.generation import PROMPT_KEY, answer_seed, ready_for_generation
+    from helpers.generation import PROMPT_KEY, answer_seed, use_gqa_decode_attention
     from helpers.model import load_for_generation
     from helpers.store import JsonlStore, read_jsonl, write_jsonl
 
@@ -248,7 +248,7 @@ def run_project(workdir: Path, tiny: bool, shape: dict) -> dict:
     JsonlStore.append = progress_append
     started = time.perf_counter()
     model, tokenizer = load_for_generation(cfg, adapters)
-    ready_for_generation(model, tokenizer)
+    use_gqa_decode_attention(model)
     load_s = time.perf_counter() - started
     namespace = dict(cfg=cfg, model=model, tokenizer=tokenizer, adapters=adapters, models=["base", *adapters],
                      prompt_rows=rows, overwrite=True)

@@ -95,16 +95,6 @@ def use_gqa_decode_attention(model: Any) -> None:
     model.set_attn_implementation(GQA_DECODE_ATTENTION)
 
 
-def ready_for_generation(model: Any, tokenizer: Any) -> None:
-    """The GQA decode attention, and no sampling default inherited from the model (Qwen3 ships temperature 0.6,
-    top_p 0.95, top_k 20) should anything call `model.generate`: 03 gives every knob itself."""
-    from transformers import GenerationConfig
-
-    use_gqa_decode_attention(model)
-    model.generation_config = GenerationConfig(eos_token_id=model.generation_config.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-
-
 def sequences_that_fit(memory_bytes: int, model_config: Any, dtype_bytes: int, max_tokens: int, share: float = 0.7) -> int:
     """How many sequences of `max_tokens` fit in `share` of `memory_bytes`: each holds its KV cache (2 x layers x
     KV heads x head dim x tokens) twice, since helpers.decoding copies the cache when rows leave or join, and the

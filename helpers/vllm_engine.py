@@ -2,8 +2,7 @@
 paged attention, the base model as it is and each fine-tune as its LoRA adapter on it (`LoRARequest`).
 
 Sampled as 03's own loop samples: temperature and top_p from the config, the full vocabulary (no top-k), up to
-max_new_tokens, ending at the tokenizer's end token or the model's own (Qwen3: <|im_end|>, <|endoftext|>), and
-every answer with its own seed (`helpers.generation.answer_seed`), so it depends on its row, not on its batch.
+max_new_tokens, ending at 03's stop tokens (Qwen3: <|im_end|>, <|endoftext|>), and every answer with its own seed (`helpers.generation.answer_seed`), so it depends on its row, not on its batch.
 The answers go to the store in chunks of `cfg.generation_batch_size` rows, in row order: a killed run loses at
 most the chunk in flight, and the resumed file is byte for byte the uninterrupted one.
 
@@ -25,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, get_args
@@ -34,7 +33,7 @@ import torch
 
 from helpers.config import Config
 from helpers.generation import answer_seed
-from helpers.model import compute_dtype, load_tokenizer, model_source
+from helpers.model import compute_dtype, model_source
 from helpers.seeds import stable_seed
 from helpers.store import JsonlStore
 
@@ -93,14 +92,6 @@ def lora_request(name: str, path: Path) -> Any:
     return LoRARequest(name, 1 + stable_seed(digest) % (2**31 - 2), str(path))
 
 
-def stop_ids(cfg: Config, tokenizer: Any) -> list[int]:
-    """The tokens that end an answer: the tokenizer's end token and the model's own (its generation_config)."""
-    from transformers import GenerationConfig
-
-    eos = GenerationConfig.from_pretrained(model_source(cfg)).eos_token_id
-    return sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])} - {None})
-
-
 def sample_tokens(cfg: Config, llm: Any, prompts: Sequence[list[int]], seeds: Sequence[int], stops: Sequence[int],
                   lora: Any = None) -> list[list[int]]:
     """Each prompt's answer tokens (its stop token last when it ended by itself), sampled with its own seed."""
@@ -122,16 +113,16 @@ def sample_tokens(cfg: Config, llm: Any, prompts: Sequence[list[int]], seeds: Se
 
 
 def generate_with_vllm(cfg: Config, models: Sequence[str], adapters: Mapping[str, Path], rows: Sequence[dict],
-                       texts: Sequence[str], store: JsonlStore) -> None:
-    """Answer each prompt row (`texts[i]`: `rows[i]` rendered by helpers.model.render_chat) with each model in
-    `models` ("base", or a name in `adapters`, its LoRA folder), appending to `store` only the answers it lacks."""
-    if len(texts) != len(rows):
-        raise ValueError(f"generate_with_vllm: {len(texts)} texts for {len(rows)} rows")
+                       prompts: Sequence[list[int]], stops: Sequence[int], store: JsonlStore,
+                       answer: Callable[[list[int], bool], dict]) -> None:
+    """Answer each prompt row (`prompts[i]`: `rows[i]`'s chat tokens, as 03 renders them) with each model in `models`
+    ("base", or a name in `adapters`, its LoRA folder), ending at `stops`, and append to `store` only the answers it
+    lacks; `answer(ids before the stop, finished)` makes the completion fields, as for 03's own loop."""
+    if len(prompts) != len(rows):
+        raise ValueError(f"generate_with_vllm: {len(prompts)} prompts for {len(rows)} rows")
     if unknown := [name for name in models if name != "base" and name not in adapters]:
         raise ValueError(f"generate_with_vllm: no adapter for {unknown} (adapters: {sorted(adapters)})")
-    tokenizer, llm = load_tokenizer(cfg), start_engine(cfg, adapters)
-    stops = stop_ids(cfg, tokenizer)
-    prompts = tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # as the transformers path tokenizes
+    llm = start_engine(cfg, adapters)
     for name in models:
         lora = None if name == "base" else lora_request(name, adapters[name])
         todo = [index for index, row in enumerate(rows) if store.key({"model": name, **row}) not in store]
@@ -140,9 +131,6 @@ def generate_with_vllm(cfg: Config, models: Sequence[str], adapters: Mapping[str
             chunk = todo[start:start + cfg.generation_batch_size]
             drawn = sample_tokens(cfg, llm, [prompts[i] for i in chunk], [answer_seed(cfg.seed, rows[i]) for i in chunk],
                                   stops, lora)
-            answers = []
-            for index, ids in zip(chunk, drawn, strict=True):
-                end = next((position for position, token in enumerate(ids) if token in stops), len(ids))
-                answers.append({"model": name, **rows[index], "answer": tokenizer.decode(ids[:end], skip_special_tokens=True),
-                                "n_answer_tokens": end, "finished": end < len(ids)})
-            store.append(answers)
+            finished = [bool(ids) and ids[-1] in stops for ids in drawn]  # vLLM ends an answer at its stop token
+            store.append({"model": name, **rows[i], **answer(ids[:len(ids) - done], done)}
+                         for i, ids, done in zip(chunk, drawn, finished, strict=True))

@@ -28,7 +28,6 @@ from helpers.generation import (
     merged_adapter,
     pending_waves,
     prompt_waves,
-    ready_for_generation,
     sequences_that_fit,
     use_gqa_decode_attention,
 )
@@ -61,7 +60,7 @@ def load(cfg):
     """What 03 loads: the base model with every trained model's adapter, ready to generate."""
     adapters = {name: cfg.paths.adapter_of(name) for name in cfg.trained_models}
     model, tokenizer = load_for_generation(cfg, adapters)
-    ready_for_generation(model, tokenizer)
+    use_gqa_decode_attention(model)
     return model, tokenizer, adapters
 
 
@@ -403,7 +402,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers.config import make_config
 from helpers.decoding import sample_rows
-from helpers.generation import merged_adapter, ready_for_generation
+from helpers.generation import merged_adapter, use_gqa_decode_attention
 from helpers.model import build_random_qwen3, load_for_generation, render_chat
 
 root = Path(sys.argv[1])
@@ -419,7 +418,7 @@ for name, parameter in peft.named_parameters():  # B random instead of zero: the
 peft.save_pretrained(cfg.paths.adapter_of("finetuned"))
 del peft
 model, tokenizer = load_for_generation(cfg, {"finetuned": cfg.paths.adapter_of("finetuned")})  # as 03 loads it
-ready_for_generation(model, tokenizer)
+use_gqa_decode_attention(model)
 prompts = [tokenizer(render_chat(tokenizer, [{"role": "user", "content": "Tell me three thoughts. " * n}]),
                      add_special_tokens=False)["input_ids"] for n in (1, 2, 3, 5, 8, 13, 21, 34, 1, 4, 9, 16)]
 

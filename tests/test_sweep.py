@@ -17,7 +17,7 @@ import pytest
 from test_generation import run_generation, save_adapter
 
 from helpers.config import PROJECT_ROOT, make_config
-from helpers.generation import ready_for_generation
+from helpers.generation import use_gqa_decode_attention
 from helpers.model import build_random_qwen3, load_for_generation
 from helpers.store import SettingsChanged, read_jsonl
 from helpers.sweep import ARMS, bootstrap_over_seeds, config_environment, plan, projected_seconds
@@ -91,7 +91,7 @@ def test_base_answers_made_once_are_byte_for_byte_what_each_run_would_make(tmp_p
     common = dict(control_arm=False, samples_per_question=1, max_new_tokens=6)
     base_cfg = make_config("tiny", tmp_path / "base", generated_models=("base",), **common)
     model, tokenizer = load_for_generation(base_cfg, {})  # the base model as it is: no adapter
-    ready_for_generation(model, tokenizer)
+    use_gqa_decode_attention(model)
     run_generation(base_cfg, loaded=(model, tokenizer, {}))
     assert {row["model"] for row in read_jsonl(base_cfg.paths.completions)} == {"base"}
 

