@@ -96,14 +96,14 @@ def forced_ends(lengths: list[int], stop_id: int, stop_ids: list[int]):
     token barred before it."""
     import torch
 
-    wanted = torch.tensor(lengths)
+    wanted, on = torch.tensor(lengths), {}
 
-    def force(rows, steps, logits):
-        ends = wanted.to(logits.device)[rows]
+    def force(rows, steps, logits):  # without boolean indexing, which would make the CPU wait for the GPU
+        ends = on.setdefault(logits.device, wanted.to(logits.device))[rows]
         logits[:, stop_ids] = torch.where((steps < ends)[:, None], float("-inf"), logits[:, stop_ids])
-        at_end = steps == ends
-        logits[at_end] = float("-inf")
-        logits[at_end, stop_id] = 0.0
+        at_end = (steps == ends)[:, None]
+        logits.masked_fill_(at_end, float("-inf"))
+        logits[:, stop_id] = torch.where(at_end[:, 0], 0.0, logits[:, stop_id])
         return logits
     return force
 

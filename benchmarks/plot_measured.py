@@ -18,8 +18,8 @@ TRAINING = ("One training epoch, 11,940 records\n(seconds, lower is better)",
             [("plain TRL + PEFT\n(TRL defaults, batch 8)", 644.0), ("project defaults\n(Unsloth, batch 32)", 117.0)],
             "python benchmarks/bench_train.py --steps 200 --warmup 20")
 GENERATION = ("4,800 completions, answers of 5-600 tokens\n(seconds, lower is better)",
-              [("plain HF generate + PEFT\n(static batches of 256)", 1574.7), ("notebook 03's loop\n(continuous batching, 512)", 217.8)],
-              "python benchmarks/bench_generate.py --configs project plain --plain-batches 1 --timeout 300 (plain: 1 of 20 batches timed, scaled)")
+              [("plain HF generate + PEFT\n(static batches of 256)", 1377.3), ("notebook 03's loop\n(continuous batching, 1,024)", 65.9)],
+              "python benchmarks/bench_generate.py --configs project plain --plain-batches 1 --timeout 200, then --configs project --batch-size 1024, in the same call (plain: 1 of 20 batches timed, scaled)")
 
 
 def main() -> None:

@@ -20,10 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 SLACK = 64  # tokens of spare room the KV cache reserves at a time: one copy per 64 steps instead of one per step
 CHECK_EVERY = 8  # steps between looks at which rows ended: each look waits for the GPU, so not at every step
+# PyTorch's attention kernels, cuDNN's left out: cuDNN plans its kernel anew for every new shape of the inputs, and
+# here the cache widens by a token at every step (on an H200 that planning cost a 1.7B model ~50 ms a step)
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SlackLayer(DynamicLayer):
@@ -80,6 +84,7 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p
 
 
 @torch.inference_mode()
+@sdpa_kernel(ATTENTION_BACKENDS)
 def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, temperature: float,
                 top_p: float, max_new_tokens: int, stop_ids: Sequence[int], batch_size: int, pad_id: int,
                 on_finished: Callable[[list[int], list[tuple[list[int], bool]]], None] | None = None,
@@ -129,23 +134,21 @@ def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[in
             kept = mask.shape[1] - first
             joining = [waiting.popleft() for _ in range(min(len(waiting), batch_size - len(keep)))]
             width = max((len(prompts[i]) - 1 for i in joining), default=0)
-            parts: list[list[tuple]] = [[(layer.keys[keep, :, first:], layer.values[keep, :, first:])] for layer in cache.layers]
             new_mask = torch.zeros(len(keep) + len(joining), max(kept, width), dtype=torch.long, device=device)
             new_mask[: len(keep), new_mask.shape[1] - kept:] = mask[keep, first:]
+            prefilled = DynamicCache()
             if joining:
                 ids = torch.tensor([[pad_id] * (width + 1 - len(prompts[i])) + list(prompts[i][:-1]) for i in joining], device=device)
                 prompt_mask = (torch.arange(width, device=device) >= width + 1 - torch.tensor([len(prompts[i]) for i in joining], device=device)[:, None]).long()
-                prefilled = DynamicCache()
                 model(input_ids=ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
                       past_key_values=prefilled, use_cache=True, logits_to_keep=1)
-                if not cache.layers:
-                    cache.layers = [SlackLayer() for _ in prefilled.layers]
-                    parts = [[] for _ in prefilled.layers]
-                for part, layer in zip(parts, prefilled.layers, strict=True):
-                    part.append((layer.keys, layer.values))
                 new_mask[len(keep):, new_mask.shape[1] - width:] = prompt_mask
-            for layer, part in zip(cache.layers, parts, strict=True):
-                layer.place(part, new_mask.shape[1])
+            cache.layers = cache.layers or [SlackLayer() for _ in prefilled.layers]
+            for index, layer in enumerate(cache.layers):  # a layer at a time: at most one layer's cache is copied at once
+                parts = [(layer.keys[keep, :, first:], layer.values[keep, :, first:])] if layer.is_initialized else []
+                if joining:
+                    parts.append((prefilled.layers[index].keys, prefilled.layers[index].values))
+                layer.place(parts, new_mask.shape[1])
             joined = torch.tensor(joining, dtype=torch.long, device=device)
             rows, mask = torch.cat([rows[keep], joined]), new_mask
             last = torch.cat([last[keep], torch.tensor([prompts[i][-1] for i in joining], dtype=torch.long, device=device)])
@@ -159,9 +162,10 @@ def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[in
             logits = logits_processor(rows, steps.masked_fill(~live, max_new_tokens), logits)
         last = draw(logits, uniforms[rows, steps.clamp_max(max_new_tokens - 1)], temperature, top_p)
         positions = positions + 1
-        drawing = rows[live]
-        tokens[drawing, counts[drawing]] = last[live]
-        counts[drawing] += 1
+        # Store the draws of live rows (no boolean indexing: its result's size would make the CPU wait for the GPU)
+        written = (rows, steps.clamp_max(max_new_tokens - 1))
+        tokens[written] = torch.where(live, last, tokens[written])
+        counts[rows] += live
         live = live & ~torch.isin(last, stops) & (counts[rows] < max_new_tokens)
     report(rows)
     return results

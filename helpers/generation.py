@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -91,18 +92,21 @@ def use_gqa_decode_attention(model: Any) -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(GQA_DECODE_ATTENTION, gqa_decode_attention)
-    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, sdpa_mask)  # the same padding masks as SDPA
+    # SDPA's padding masks, always built: skipping an all-ones mask would ask the GPU first, once per forward pass
+    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, partial(sdpa_mask, allow_is_causal_skip=False))
     model.set_attn_implementation(GQA_DECODE_ATTENTION)
 
 
 def sequences_that_fit(memory_bytes: int, model_config: Any, dtype_bytes: int, max_tokens: int, share: float = 0.7) -> int:
     """How many sequences of `max_tokens` fit in `share` of `memory_bytes`: each holds its KV cache (2 x layers x
-    KV heads x head dim x tokens) twice, since helpers.decoding copies the cache when rows leave or join, and the
-    last position's float32 logits three times (logits, probabilities, the float64 cumulative sum as two)."""
+    KV heads x head dim x tokens) and, while helpers.decoding regroups the rows one layer at a time, two more
+    copies of one layer's; and the last position's float32 logits three times (logits, probabilities, the float64
+    cumulative sum as two)."""
     text = model_config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    per_sequence = 2 * 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes * max_tokens + 3 * 4 * text.vocab_size
+    layer = 2 * kv_heads * head_dim * dtype_bytes * max_tokens
+    per_sequence = layer * (text.num_hidden_layers + 2) + 3 * 4 * text.vocab_size
     return int(share * memory_bytes // per_sequence)
 
 
