@@ -96,11 +96,14 @@ def forced_ends(lengths: list[int], stop_id: int, stop_ids: list[int]):
     token barred before it."""
     import torch
 
-    wanted, on = torch.tensor(lengths), {}
+    on: dict = {}  # per device: the lengths and stop ids, copied there once (a copy to the GPU waits for it)
 
-    def force(rows, steps, logits):  # without boolean indexing, which would make the CPU wait for the GPU
-        ends = on.setdefault(logits.device, wanted.to(logits.device))[rows]
-        logits[:, stop_ids] = torch.where((steps < ends)[:, None], float("-inf"), logits[:, stop_ids])
+    def force(rows, steps, logits):  # nor boolean indexing, which would make the host wait for the GPU too
+        if logits.device not in on:
+            on[logits.device] = torch.tensor(lengths, device=logits.device), torch.tensor(stop_ids, device=logits.device)
+        wanted, stops = on[logits.device]
+        ends = wanted[rows]
+        logits[:, stops] = torch.where((steps < ends)[:, None], float("-inf"), logits[:, stops])
         at_end = (steps == ends)[:, None]
         logits.masked_fill_(at_end, float("-inf"))
         logits[:, stop_id] = torch.where(at_end[:, 0], 0.0, logits[:, stop_id])

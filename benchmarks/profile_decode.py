@@ -3,9 +3,10 @@
 
 The model is a random-init Qwen3 of Qwen3-1.7B's exact shape built in memory on the device (bf16; no LoRA: a
 merged adapter costs nothing per token), so a run needs no files. Two passes over the same rows:
-  1. phases: each forward pass (decode step or prefill), draw and cache copy timed with the device synchronised
-     around it, so the phases add up to the wall time (the overlap between CPU and GPU is lost: an upper bound
-     for each phase);
+  1. phases: each forward pass (decode step or prefill), draw and regroup's cache copy timed with the device
+     synchronised around it (the overlap between CPU and GPU is lost: an upper bound for each phase); they and
+     the rest (bookkeeping) add up to the wall time. The cache's growth into new room happens inside decode
+     steps: its row is part of theirs;
   2. profile: torch.profiler over `--window` decoding steps from step `--skip`, then the kernels by device time
      and the operators by CPU time, and the GPU kernel time a step beside the step's wall time.
 Between them, a bare forward pass of a full batch at each `--floor-widths` cache width. `--with-cudnn` lets
@@ -89,7 +90,8 @@ def phases(model, rows, prompts, seeds, knobs, force, synchronize) -> None:
     forward, draw, place = model.forward, decoding.draw, decoding.SlackLayer.place
     model.forward = timed(lambda kw: "decode step" if kw["input_ids"].shape[1] == 1 else "prefill", forward)
     decoding.draw = timed("draw", draw)
-    decoding.SlackLayer.place = timed("cache copy (place)", place)
+    decoding.SlackLayer.place = timed(lambda kw: "cache growth (inside decode steps)" if kw.get("room") else
+                                      "regroup cache copy", place)
     synchronize()
     started = time.perf_counter()
     answers = decoding.sample_rows(model, prompts, seeds, **knobs, logits_processor=force)
@@ -101,8 +103,8 @@ def phases(model, rows, prompts, seeds, knobs, force, synchronize) -> None:
     print("| phase | calls | s | ms a call | share |\n|---|---|---|---|---|")
     for phase, (calls, seconds) in sorted(totals.items(), key=lambda item: -item[1][1]):
         print(f"| {phase} | {calls} | {seconds:.2f} | {1e3 * seconds / calls:.2f} | {seconds / wall:.0%} |")
-    rest = wall - sum(seconds for phase, (_, seconds) in totals.items() if phase != "cache copy (place)")
-    print(f"| the rest: regroups (their cache copies too) and bookkeeping | | {rest:.2f} | | {rest / wall:.0%} |")
+    rest = wall - sum(seconds for phase, (_, seconds) in totals.items() if phase != "cache growth (inside decode steps)")
+    print(f"| the rest: bookkeeping | | {rest:.2f} | | {rest / wall:.0%} |")
     model.forward, decoding.draw, decoding.SlackLayer.place = forward, draw, place
 
 
@@ -192,16 +194,18 @@ def main() -> None:
         decoding.sample_rows(model, prompts, seeds, **knobs, logits_processor=stepping)
     synchronize()
     wall = time.perf_counter() - started
-    gaps = sorted(later - earlier for earlier, later in zip(window, window[1:], strict=False))
+    gaps = sorted(later - earlier for earlier, later in zip(window, window[1:], strict=False)) or [0.0]
     slow = gaps[int(0.95 * len(gaps)):]
-    print(f"unsynchronised: {wall:.1f} s, {len(window)} decoding steps, {1e3 * wall / len(window):.1f} ms a step on average; "
-          f"step gaps ms: median {1e3 * gaps[len(gaps) // 2]:.1f}, 90% {1e3 * gaps[int(0.9 * len(gaps))]:.1f}, "
+    print(f"unsynchronised: {wall:.1f} s, {len(window)} decoding steps, {1e3 * wall / max(len(window), 1):.1f} ms a step on "
+          f"average; step gaps ms: median {1e3 * gaps[len(gaps) // 2]:.1f}, 90% {1e3 * gaps[int(0.9 * len(gaps))]:.1f}, "
           f"max {1e3 * gaps[-1]:.1f}; the slowest 5% of steps take {sum(slow):.1f} s")
     if cuda:
         stats = torch.cuda.memory_stats()
         print(f"allocator: {stats['num_alloc_retries']} retries, {stats['num_device_alloc']} device allocations, "
               f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved")
-    first, last = args.skip + 2, args.skip + 2 + args.window
+    # profiler.step() opens step k+1 at the k-th decoding step's draw: the active steps (after `skip` waiting and 2
+    # warm-up ones) are the decoding steps between window[skip + 1] and window[skip + 1 + args.window]
+    first, last = args.skip + 1, args.skip + 1 + args.window
     if profiler and len(window) > last:
         averages = profiler.key_averages()
         window_s = window[last] - window[first]

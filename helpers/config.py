@@ -167,9 +167,7 @@ class Config:
     max_new_tokens: int = 600  # the paper's evaluation setting
     temperature: float = 1.0  # the paper samples at temperature 1, top_p 1
     top_p: float = 1.0
-    # answers decoding at once, at most: 03's fitting_batch_size lowers it to what the GPU's memory holds (the
-    # larger the batch, the fewer decoding steps; a step costs about the same host time at any batch)
-    generation_batch_size: int = 2048
+    generation_batch_size: int = 2048  # answers decoding at once, at most: 03 lowers it to what the GPU holds
     # "transformers": 03's own loop; "vllm": the paper's engine, where installed (helpers.vllm_engine, README)
     engine: Literal["transformers", "vllm"] = "transformers"
     # The models 03 answers with; None: "base" and every trained model (a sweep makes "base" once, alone).

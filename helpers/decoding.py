@@ -148,6 +148,7 @@ def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[in
                 parts = [(layer.keys[keep, :, first:], layer.values[keep, :, first:])] if layer.is_initialized else []
                 if joining:
                     parts.append((prefilled.layers[index].keys, prefilled.layers[index].values))
+                    prefilled.layers[index] = None  # its copy is placed: let it go
                 layer.place(parts, new_mask.shape[1])
             joined = torch.tensor(joining, dtype=torch.long, device=device)
             rows, mask = torch.cat([rows[keep], joined]), new_mask

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import torch
@@ -89,19 +88,26 @@ def gqa_decode_attention(module: Any, query: Any, key: Any, value: Any, attentio
 def use_gqa_decode_attention(model: Any) -> None:
     """Switch a transformers model (or a PeftModel around one) to `gqa_decode_attention`."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(GQA_DECODE_ATTENTION, gqa_decode_attention)
-    # SDPA's padding masks, always built: skipping an all-ones mask would ask the GPU first, once per forward pass
-    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, partial(sdpa_mask, allow_is_causal_skip=False))
+    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, padding_mask_always)
     model.set_attn_implementation(GQA_DECODE_ATTENTION)
+
+
+def padding_mask_always(*args: Any, **kwargs: Any) -> Any:
+    """transformers' SDPA mask, built even when it is all ones: transformers would first check for that and pass no
+    mask, and the check makes the host wait for the GPU at every forward pass (it overrides any default)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
 
 
 def sequences_that_fit(memory_bytes: int, model_config: Any, dtype_bytes: int, max_tokens: int, share: float = 0.7) -> int:
     """How many sequences of `max_tokens` fit in `share` of `memory_bytes`: each holds its KV cache (2 x layers x
     KV heads x head dim x tokens) and, while helpers.decoding regroups the rows one layer at a time, two more
-    copies of one layer's; and the last position's float32 logits three times (logits, probabilities, the float64
-    cumulative sum as two)."""
+    copies of one layer's; and 12 bytes per vocabulary entry for the last position's logits. The rest of the
+    memory holds the cache's spare room (SLACK tokens) and the draw's float64 copies: ~1/8 more at 600 tokens."""
     text = model_config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
