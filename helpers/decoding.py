@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 SLACK = 64  # tokens of spare room the KV cache reserves at a time: one copy per 64 steps instead of one per step
 CHECK_EVERY = 8  # steps between looks at which rows ended: each look waits for the GPU, so not at every step
 # PyTorch's attention kernels, cuDNN's left out: cuDNN plans its kernel anew for every new shape of the inputs, and
-# here the cache widens by a token at every step (on an H200 that planning cost a 1.7B model ~50 ms a step)
+# here the cache widens by a token at every step (a 1.7B model at 512 rows on an H200: 77.6 ms a step, 37.2 without)
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -60,7 +60,20 @@ NO_QUOTA = {"error": {"message": "You exceeded your current quota, please check 
                       "type": "insufficient_quota", "code": "insufficient_quota"}}
 
 
-class FakeOpenAI:
+class LocalServer:
+    """A real HTTP server on a free local port, serving `handler` from a thread until close(); `url` is its /v1."""
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FakeOpenAI(LocalServer):
     """A real HTTP server speaking /v1/chat/completions; `script` lists what each next request gets:
     "ok", "429" (no Retry-After), "429_after_1" / "429_after_3600" (Retry-After: 1 or 3600 seconds),
     "429_after_ms" (retry-after-ms: 800), "quota" (429 insufficient_quota), "500", "401" (echoes the key
@@ -122,18 +135,13 @@ class FakeOpenAI:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.serve(Handler)
 
     def gaps(self) -> list[float]:
         """Seconds between consecutive requests."""
         times = [t for t, _ in self.arrivals]
         return [b - a for a, b in itertools.pairwise(times)]
 
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import random
 import re
 import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from test_judging import (
@@ -19,6 +19,7 @@ from test_judging import (
     PROMPTS,
     SECRET,
     FakeOpenAI,
+    LocalServer,
     completion_body,
     completions,
     openai_judge,
@@ -32,7 +33,7 @@ from helpers.store import read_jsonl
 ITEMS = [("How {do} I?", "With {answer} braces"), ("Q2", "A2"), ("Q3", "A3")]
 
 
-class FakeBatchAPI:
+class FakeBatchAPI(LocalServer):
     """A real HTTP server speaking POST /v1/files (multipart upload), POST /v1/batches, GET /v1/batches/{id} and
     GET /v1/files/{id}/content. A batch reports `statuses` one per poll (then the last again); once completed, its
     output file answers each request as the chat-completions fake does (an ALIGNED prompt gets ALIGNED_TOPS), in
@@ -72,9 +73,7 @@ class FakeBatchAPI:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.serve(Handler)
 
     def post(self, path: str, headers, body: bytes) -> tuple[int, dict]:
         with self.lock:
@@ -152,10 +151,6 @@ class FakeBatchAPI:
 
     def created(self) -> int:
         return sum(call == ("POST", "/v1/batches") for call in self.calls)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
