@@ -96,7 +96,7 @@ def transformers_greedy(served) -> dict[str, list[list[int]]]:
 
 def test_greedy_answers_equal_transformers_generate_for_the_base_model_and_the_adapter(served, transformers_greedy):
     cfg = served.config(temperature=0.0)
-    seeds = [answer_seed(cfg.seed, row) for row in ROWS]
+    seeds = [answer_seed(cfg.seed_of_run, row) for row in ROWS]
     for name in MODELS:
         lora = None if name == "base" else lora_request(name, served.adapters[name])
         assert sample_tokens(cfg, served.llm, served.prompts, seeds, served.stops, lora) == transformers_greedy[name], name
@@ -110,7 +110,7 @@ def test_greedy_answers_equal_transformers_generate_for_the_base_model_and_the_a
 def test_stored_answers_are_the_transformers_answers_decoded(served, transformers_greedy, tmp_path, capsys):
     cfg = served.config(temperature=0.0)
     store = JsonlStore(tmp_path / "completions.jsonl", COMPLETION_KEY)
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, store, served.answer)
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, store, served.answer)
     expected = []
     for name in MODELS:
         for row, ids in zip(ROWS, transformers_greedy[name], strict=True):
@@ -119,14 +119,14 @@ def test_stored_answers_are_the_transformers_answers_decoded(served, transformer
                              "n_answer_tokens": end, "finished": end < len(ids)})
     assert read_jsonl(store.path) == expected
     capsys.readouterr()
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, store, served.answer)  # everything stored: nothing to do
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, store, served.answer)  # everything stored: nothing to do
     assert "finetuned: 8 of 8 answers stored, 0 to generate" in capsys.readouterr().out
     assert read_jsonl(store.path) == expected
 
 
 def test_each_answer_has_its_own_seed_whatever_its_batch(served):
     cfg = served.config()  # temperature 1, top_p 1: sampled
-    seeds = [answer_seed(cfg.seed, row) for row in ROWS]
+    seeds = [answer_seed(cfg.seed_of_run, row) for row in ROWS]
     lora = lora_request("finetuned", served.adapters["finetuned"])
     for adapter in (None, lora):
         together = sample_tokens(cfg, served.llm, served.prompts, seeds, served.stops, adapter)
@@ -179,13 +179,13 @@ class KilledAfter(JsonlStore):
 def test_an_interrupted_run_resumes_to_the_same_bytes(served, tmp_path, capsys):
     cfg = served.config(generation_batch_size=3)  # sampled; 8 rows: chunks of 3, 3 and 2 per model
     whole = tmp_path / "whole.jsonl"
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, JsonlStore(whole, COMPLETION_KEY), served.answer)
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, JsonlStore(whole, COMPLETION_KEY), served.answer)
     cut = tmp_path / "cut.jsonl"
     with pytest.raises(KeyboardInterrupt):  # after the base model's three chunks and the adapter's first
-        generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, KilledAfter(cut, appends=4), served.answer)
+        generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, KilledAfter(cut, appends=4), served.answer)
     assert len(read_jsonl(cut)) == len(ROWS) + 3
     capsys.readouterr()
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, JsonlStore(cut, COMPLETION_KEY), served.answer)
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, JsonlStore(cut, COMPLETION_KEY), served.answer)
     assert "finetuned: 3 of 8 answers stored, 5 to generate" in capsys.readouterr().out  # only what was missing
     assert cut.read_bytes() == whole.read_bytes()
     assert len({row["answer"] for row in read_jsonl(whole)}) == 2 * len(ROWS)
