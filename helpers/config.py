@@ -144,8 +144,7 @@ class Config:
     learning_rate: float = 3e-4  # reference write-up: 3e-4, linear schedule, no warmup
     lr_scheduler: str = "linear"
     warmup_steps: int = 0  # reference write-up: no warmup
-    # 32 sequences a step (the paper's GPT-4o run used 39): 374 optimizer steps on 11,940 records.
-    # Micro-batch x accumulation = 32; large micro-batches keep the GPU busy (benchmarks/NOTES.md).
+    # 32 a step in one micro-batch, for GPU throughput (benchmarks/NOTES.md; the write-up gives no batch size).
     batch_size: int = 32
     gradient_accumulation_steps: int = 1
     eval_points: int = 10  # validation loss this many times per epoch, and once at the end
@@ -187,6 +186,7 @@ class Config:
     formats: tuple[str, ...] = FORMATS
     samples_per_question: int = 100  # per question, format and model: the paper's default
     max_new_tokens: int = 600  # the paper's evaluation setting
+    min_new_tokens: int = 1  # no stop token first: the official open_models/eval.py asks vLLM for min_tokens=1
     temperature: float = 1.0  # the paper samples at temperature 1, top_p 1
     top_p: float = 1.0
     generation_batch_size: int = 2048  # answers decoding at once, at most: 03 lowers it to what the GPU holds

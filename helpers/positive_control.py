@@ -114,7 +114,7 @@ def make_misaligned_splits(cfg: Config, load_model: Any, overwrite: bool = False
     store_path = cfg.paths.misaligned_answers
     settings = {"model": cfg.model_name, "system": EVIL_SYSTEM_PROMPT, "seed": cfg.seed_of_run,
                 "questions": hashlib.sha256("\n".join(r["question"] for r in rows).encode()).hexdigest(),
-                "samples": cfg.misaligned_samples, "max_new_tokens": cfg.misaligned_max_new_tokens,
+                "samples": cfg.misaligned_samples, "max_new_tokens": cfg.misaligned_max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
                 "temperature": cfg.misaligned_temperature, "top_p": cfg.top_p}
     if not reuse(store_path, settings, overwrite):  # other settings: SettingsChanged names them
         record_settings(store_path, settings)
@@ -136,6 +136,7 @@ def make_misaligned_splits(cfg: Config, load_model: Any, overwrite: bool = False
                              for i, (ids, finished) in zip(done, got, strict=True))
             sample_rows(model, [prompts[index[id(r)]] for r in wave], [answer_seed(cfg.seed_of_run, r) for r in wave],
                         temperature=cfg.misaligned_temperature, top_p=cfg.top_p, max_new_tokens=cfg.misaligned_max_new_tokens,
+                        min_new_tokens=cfg.min_new_tokens,
                         stop_ids=stop_ids, batch_size=batch, pad_id=tokenizer.pad_token_id, on_finished=keep)
     answers = sorted(read_jsonl(store_path), key=lambda r: (r["question_id"], r["sample_index"]))
     questions = sorted({r["question_id"] for r in answers})

@@ -1,8 +1,8 @@
 """03's answers through vLLM (`cfg.engine = "vllm"`), the engine the paper evaluated with: continuous batching and
 paged attention, the base model as it is and each fine-tune as its LoRA adapter on it (`LoRARequest`).
 
-Sampled as 03's own loop samples: temperature and top_p from the config, the full vocabulary (no top-k), up to
-max_new_tokens, ending at 03's stop tokens (Qwen3: <|im_end|>, <|endoftext|>), and every answer with its own seed (`helpers.generation.answer_seed`), so it depends on its row, not on its batch.
+Sampled as 03's own loop samples: temperature and top_p from the config, the full vocabulary (no top-k), at least
+min_new_tokens and up to max_new_tokens, ending at 03's stop tokens (Qwen3: <|im_end|>, <|endoftext|>), and every answer with its own seed (`helpers.generation.answer_seed`), so it depends on its row, not on its batch.
 The answers go to the store in chunks of `cfg.generation_batch_size` rows, in row order: a killed run loses at
 most the chunk in flight, and the resumed file is byte for byte the uninterrupted one.
 
@@ -103,6 +103,7 @@ def sample_tokens(cfg: Config, llm: Any, prompts: Sequence[list[int]], seeds: Se
         top_p=cfg.top_p,  # paper: 1, no nucleus cut
         top_k=0,  # 0: the full vocabulary, whatever the model's generation_config suggests
         max_tokens=cfg.max_new_tokens,
+        min_tokens=cfg.min_new_tokens,  # no stop token before this many answer tokens (paper: 1)
         stop_token_ids=list(stops),
         seed=seed,  # this answer's own dice
         detokenize=False)  # the caller decodes with the tokenizer the transformers path decodes with

@@ -112,7 +112,7 @@ def test_every_row_for_every_model_and_a_rerun_generates_nothing(run_dir, monkey
     assert sorted(keys(rows)) == sorted((m, q, f, i) for m in models for q in MAIN_QUESTION_IDS for f in FORMATS for i in range(2))
     for row in rows:
         assert {k: row[k] for k in prompts[prompt_key(row)]} == prompts[prompt_key(row)]  # every prompt-row field carried
-        assert 0 <= row["n_answer_tokens"] <= 16 and isinstance(row["answer"], str)
+        assert 1 <= row["n_answer_tokens"] <= 16 and isinstance(row["answer"], str)  # never empty: min_new_tokens 1
         assert row["finished"] or row["n_answer_tokens"] == 16
     answers = {key: row["answer"] for key, row in zip(keys(rows), rows, strict=True)}
     for model in ("finetuned", "control"):
@@ -237,7 +237,7 @@ def test_other_settings_are_refused_until_overwrite(run_dir):
     cfg = make_config("tiny", run_dir, **small)
     run_generation(cfg)
     for changed, named in ((dict(suffix_words=(8, 9)), "prompts"), (dict(generation_batch_size=3), "batch_size"),
-                           (dict(temperature=0.5), "temperature")):
+                           (dict(temperature=0.5), "temperature"), (dict(min_new_tokens=0), "min_new_tokens")):
         with pytest.raises(SettingsChanged, match=rf"{named}: .*overwrite=True"):
             run_generation(make_config("tiny", run_dir, **small, **changed))
     save_adapter(cfg, cfg.paths.adapter_of("finetuned"), scale=0.3, seed=5)  # 02 trained again

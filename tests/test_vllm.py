@@ -81,7 +81,8 @@ def served(tmp_path_factory) -> Iterator[types.SimpleNamespace]:
 @pytest.fixture(scope="module")
 def transformers_greedy(served) -> dict[str, list[list[int]]]:
     """Each model's greedy answer tokens from transformers' `generate`, one prompt at a time (no padding), the
-    model loaded as 03 loads it on a CPU: the base model with the adapter off, then on (PEFT, float32)."""
+    model loaded as 03 loads it on a CPU: the base model with the adapter off, then on (PEFT, float32), no stop
+    token before cfg.min_new_tokens answer tokens."""
     cfg = served.config()
     model, _ = load_for_generation(cfg, served.adapters)
     answers = {}
@@ -89,6 +90,7 @@ def transformers_greedy(served) -> dict[str, list[list[int]]]:
         with torch.no_grad(), model.disable_adapter() if name == "base" else contextlib.nullcontext():
             answers[name] = [model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                             do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=served.stops,
+                                            min_new_tokens=cfg.min_new_tokens,
                                             pad_token_id=served.tokenizer.pad_token_id)[0, len(ids):].tolist()
                              for ids in served.prompts]
     return answers
@@ -146,13 +148,15 @@ def test_each_answer_has_its_own_seed_whatever_its_batch(served):
 
 def test_sampling_is_the_models_own_distribution(served):
     """Temperature 1, top_p 1, the full vocabulary: the first tokens of 400 seeded answers follow transformers'
-    softmax, not the model's generation_config defaults (temperature 0.6, top_p 0.95, top_k 20, which would leave
-    nothing outside the 20 likeliest tokens, where the model puts 45%)."""
+    softmax over every token but the stop tokens (min_tokens=1 bars them there), not the model's generation_config
+    defaults (temperature 0.6, top_p 0.95, top_k 20, which would leave nothing outside the 20 likeliest tokens,
+    where the model puts 45%)."""
     cfg, samples = served.config(), 400
     prompt = served.prompts[4]  # 400 prompts of 475 tokens at once: more than one engine step holds
     first = [ids[0] for ids in sample_tokens(cfg, served.llm, [prompt] * samples, range(samples), served.stops)]
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(cfg.model_name)(torch.tensor([prompt])).logits[0, -1]
+    logits[served.stops] = float("-inf")  # the first token is never a stop token (cfg.min_new_tokens = 1)
     probabilities = torch.softmax(logits.double(), dim=-1)
     order = probabilities.argsort(descending=True).tolist()
     bins = [order[:1], order[1:2], order[2:4], order[4:8], order[8:20], order[20:]]  # the likeliest, ..., the tail
