@@ -166,9 +166,10 @@ def spike_in(test: PairedTest, base: np.ndarray, ceiling: np.ndarray, references
 
 def seed_interval(rates: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
     """Student's t interval of the mean rate over seeds (each seed an independent run), clipped to [0, 1]; nan below
-    two seeds. Few, skewed seed rates make it undercover: `interval_coverage` measures by how much."""
+    two seeds or when every seed has the same rate (a zero-width interval is no confidence statement). Few,
+    skewed seed rates make it undercover: `interval_coverage` measures by how much."""
     rates = np.asarray(rates, dtype=float)
-    if len(rates) < 2:
+    if len(rates) < 2 or np.ptp(rates) == 0:
         return math.nan, math.nan
     half = stats.t.ppf(0.5 + confidence / 2, len(rates) - 1) * rates.std(ddof=1) / math.sqrt(len(rates))
     return max(0.0, float(rates.mean() - half)), min(1.0, float(rates.mean() + half))
