@@ -407,8 +407,10 @@ def test_fill_judge_prompt_leaves_braces_in_texts_alone():
 # --- 03's grid: complete, or an error naming what is missing ----------------------------------------------
 
 
-def write_grid(cfg, models=("base", "finetuned", "control"), drop=lambda model, row: False) -> list[dict]:
-    """03's files for the config's grid: the prompt rows, and an answer per model and prompt row unless `drop` says so."""
+def write_grid(cfg, models=None, drop=lambda model, row: False) -> list[dict]:
+    """03's files for the config's grid: the prompt rows, and an answer per model (default: every model 03 asks) and
+    prompt row unless `drop` says so."""
+    models = models or cfg.answering_models
     prompts = [{"question_id": q, "format": f, "sample_index": i, "prompt": f"{q} <{f}> {i}"}
                for q in load_question_set(cfg).ids for f in cfg.formats for i in range(cfg.samples_per_question)]
     write_jsonl(cfg.paths.prompts, prompts)
@@ -418,15 +420,17 @@ def write_grid(cfg, models=("base", "finetuned", "control"), drop=lambda model, 
 
 
 def test_complete_answers_come_in_grid_order(tiny_cfg):
-    prompts = write_grid(tiny_cfg, models=("base", "finetuned", "control", "old_arm"))  # another arm's rows stay out
+    models = ("base", "evil_prompt", "finetuned", "control", "misaligned_ft")
+    assert tiny_cfg.answering_models == models  # the base model, the positive controls and every fine-tune
+    prompts = write_grid(tiny_cfg, models=(*models, "old_arm"))  # another arm's rows stay out
     rows = complete_answers(tiny_cfg)
     assert [(r["model"], r["question_id"], r["format"], r["sample_index"]) for r in rows] == [
-        (m, p["question_id"], p["format"], p["sample_index"]) for m in ("base", "finetuned", "control") for p in prompts]
+        (m, p["question_id"], p["format"], p["sample_index"]) for m in models for p in prompts]
 
 
 def test_a_partial_grid_is_an_error_naming_what_is_missing(tiny_cfg):
     write_grid(tiny_cfg, models=("base",))  # 03 stopped before the fine-tuned models answered
-    with pytest.raises(ValueError, match=r"incomplete; missing finetuned original: 16 of 16 answers.*control"):
+    with pytest.raises(ValueError, match=r"incomplete; missing evil_prompt original: 16 of 16 answers.*control"):
         complete_answers(tiny_cfg)
     write_grid(tiny_cfg, drop=lambda m, p: m == "base" and p["format"] == "suffix" and p["sample_index"] == 1)
     with pytest.raises(ValueError, match=r"missing base suffix: 8 of 16 answers\. No analysis of part of the grid"):
@@ -436,7 +440,7 @@ def test_a_partial_grid_is_an_error_naming_what_is_missing(tiny_cfg):
 def test_missing_completions_run_03_first(tiny_cfg, monkeypatch):
     asked = []
     monkeypatch.setattr(run, "require", lambda cfg, notebook: asked.append(notebook) or write_grid(cfg))
-    assert len(complete_answers(tiny_cfg)) == 3 * 48 and asked == ["03"]
+    assert len(complete_answers(tiny_cfg)) == 5 * 48 and asked == ["03"]
 
 
 # --- the store: resumable, never twice, never a NaN, stale answers caught --------------------------------
