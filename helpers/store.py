@@ -123,9 +123,13 @@ def _flat(settings: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _record_of(artefact: Path) -> Path:
+    return Path(f"{artefact}.settings.json")  # the settings, beside the artefact
+
+
 def recorded_settings(artefact: Path) -> dict:
     """The settings recorded beside `artefact` by `record_settings`; {} when none were."""
-    recorded = Path(f"{artefact}.settings.json")
+    recorded = _record_of(artefact)
     return json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}
 
 
@@ -137,7 +141,7 @@ def reuse(artefact: Path, settings: dict, overwrite: bool = False) -> bool:
     artefact = Path(artefact)
     if overwrite:
         shutil.rmtree(artefact) if artefact.is_dir() else artefact.unlink(missing_ok=True)
-        Path(f"{artefact}.settings.json").unlink(missing_ok=True)
+        _record_of(artefact).unlink(missing_ok=True)
     if overwrite or not artefact.exists():
         return False
     stored = _flat(recorded_settings(artefact))
@@ -152,4 +156,4 @@ def reuse(artefact: Path, settings: dict, overwrite: bool = False) -> bool:
 
 def record_settings(artefact: Path, settings: dict) -> None:
     """Record the settings that made (or are making) `artefact`, for `reuse`."""
-    write_json(Path(f"{artefact}.settings.json"), json.loads(json.dumps(settings, sort_keys=True, default=str)))
+    write_json(_record_of(artefact), json.loads(json.dumps(settings, sort_keys=True, default=str)))

@@ -313,7 +313,7 @@ def test_an_adapter_is_reused_and_loaded_only_with_the_weights_02_recorded(train
     run_dir = Path(shutil.copytree(trained["cfg"].run_dir, tmp_path / "run"))
     write_splits(run_dir, "control", seed=1)
     run_notebook(run_dir, model="control")  # the control, really trained
-    cfg = make_config("tiny", run_dir)
+    cfg = make_config("tiny", run_dir, positive_controls=False)  # 03 loads the fine-tune and the control
     weights = {name: cfg.paths.adapter_of(name) / "adapter_model.safetensors" for name in ("finetuned", "control")}
     for name, path in weights.items():
         recorded = json.loads((cfg.paths.adapter_of(name).parent / f"{cfg.paths.adapter_of(name).name}.settings.json").read_text())

@@ -18,5 +18,6 @@ def notebook_cells(tag: str, notebook: Path = GENERATE_NOTEBOOK) -> list[str]:
 
 def cells_by_id(ids: list[str], notebook: Path = GENERATE_NOTEBOOK) -> list[str]:
     """The sources of the notebook's cells with these ids, in the order given."""
-    cells = {cell.get("id"): "".join(cell["source"]) for cell in json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]}
-    return [cells[cell_id] for cell_id in ids]
+    cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
+    sources = {cell.get("id"): "".join(cell["source"]) for cell in cells}
+    return [sources[cell_id] for cell_id in ids]
