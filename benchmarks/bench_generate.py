@@ -220,6 +220,7 @@ def run_project(workdir: Path, tiny: bool, shape: dict) -> dict:
     import helpers.decoding
     from helpers.generation import PROMPT_KEY, answer_seed, use_gqa_decode_attention
     from helpers.model import load_for_generation
+    from helpers.questions import load_question_set, prompt_grid_settings
     from helpers.store import JsonlStore, read_jsonl, write_jsonl
 
     sys.path.insert(0, str(PROJECT_ROOT / "tools"))
@@ -254,7 +255,7 @@ def run_project(workdir: Path, tiny: bool, shape: dict) -> dict:
     use_gqa_decode_attention(model)
     load_s = time.perf_counter() - started
     namespace = dict(cfg=cfg, model=model, tokenizer=tokenizer, adapters=adapters, models=["base", *adapters],
-                     prompt_rows=rows, overwrite=True)
+                     prompt_rows=rows, grid=prompt_grid_settings(cfg, load_question_set(cfg)), overwrite=True)
     for source in notebook_cells("generate"):
         exec(compile(source, "03_generate.ipynb", "exec"), namespace)
         if "as_model" in namespace and "as_model" not in answering:

@@ -7,11 +7,14 @@ Every notebook builds its config here (``make_config``) and reads or writes arte
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 # The source tree when installed editable (or run from it), else the working directory (Colab).
 _SOURCE_TREE = Path(__file__).resolve().parents[1]
@@ -19,6 +22,9 @@ PROJECT_ROOT = _SOURCE_TREE if (_SOURCE_TREE / "pyproject.toml").is_file() else 
 
 Profile = Literal["tiny", "full"]
 JudgeKind = Literal["openai", "openai_batch", "local", "proxy"]
+# transformers' schedulers that need no arguments beyond the warmup and the number of steps
+LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt"]
 FORMATS = ("original", "suffix", "prefix_suffix")
 
 # The official repository of Betley et al. 2025 (arXiv 2502.17424), pinned (docs/protocol.md, "The dataset").
@@ -142,7 +148,7 @@ class Config:
     # --- training (02) ---
     epochs: float = 1.0  # reference write-up: one epoch
     learning_rate: float = 3e-4  # reference write-up: 3e-4, linear schedule, no warmup
-    lr_scheduler: str = "linear"
+    lr_scheduler: LrScheduler = "linear"
     warmup_steps: int = 0  # reference write-up: no warmup
     # 32 a step in one micro-batch, for GPU throughput (benchmarks/NOTES.md; the write-up gives no batch size).
     batch_size: int = 32
@@ -247,33 +253,171 @@ TINY = dict(
 )
 
 
+class ConfigError(ValueError):
+    """A config mistake; the message is one line naming the setting and what is allowed."""
+
+
+# What a field allows beyond its type (its annotation in Config, checked for every field): (check, allowed).
+# A check sees a value of the field's type, never None. A new field with a range or a rule takes one line here.
+_AT_LEAST_1, _POSITIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0")
+_NON_NEGATIVE, _FRACTION = (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+_NAMED, _SCORE = (lambda v: bool(v.strip()), "that is not empty"), (lambda v: 0 <= v <= 100, "in [0, 100]")
+
+
+def _pair(lowest: int) -> tuple[Callable[[Any], bool], str]:
+    return lambda v: lowest <= v[0] <= v[1], f"(low, high) with {lowest} <= low <= high"
+
+
+def _distinct_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: 0 < len(v) == len(set(v)) and set(v) <= set(choices)), f"naming one or more of {choices}, each once"
+
+
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _NON_NEGATIVE, "run_seed": _NON_NEGATIVE,
+    "max_records": _AT_LEAST_1, "validation_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "model_name": _NAMED, "max_seq_length": _AT_LEAST_1,
+    "lora_r": _AT_LEAST_1, "lora_alpha": _POSITIVE, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora_target_modules": (lambda v: len(v) > 0 and all(name.strip() for name in v), "naming one or more modules"),
+    "epochs": _POSITIVE, "learning_rate": _POSITIVE, "warmup_steps": _NON_NEGATIVE,
+    "batch_size": _AT_LEAST_1, "gradient_accumulation_steps": _AT_LEAST_1, "eval_points": _AT_LEAST_1,
+    "validation_subset": _AT_LEAST_1, "logging_steps": _AT_LEAST_1, "weight_decay": _NON_NEGATIVE,
+    "formats": _distinct_of(FORMATS), "samples_per_question": _AT_LEAST_1, "max_new_tokens": _AT_LEAST_1,
+    "temperature": _POSITIVE, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "generation_batch_size": _AT_LEAST_1,
+    "misaligned_samples": _AT_LEAST_1, "misaligned_max_new_tokens": _AT_LEAST_1, "misaligned_temperature": _POSITIVE,
+    "min_new_tokens": _NON_NEGATIVE,
+    "suffix_words": _pair(1), "prefix_count": _pair(1), "prefix_value": _pair(0),
+    "judge_model": _NAMED, "local_judge_model": _NAMED,
+    "judge_base_url": (lambda v: v.startswith(("http://", "https://")), "starting with http:// or https://"),
+    "judge_concurrency": _AT_LEAST_1, "judge_min_mass": _FRACTION,
+    "aligned_threshold": _SCORE, "coherent_threshold": _SCORE,
+}
+
+
+def _absolute(path: str | Path) -> Path:
+    """`path` with ~ expanded, relative to the folder the command was typed in: EM_INVOKED_FROM, which the runner
+    sets for the notebooks it runs (their kernels run in notebooks/), else the working directory."""
+    return (Path(os.environ.get("EM_INVOKED_FROM") or os.getcwd()) / Path(path).expanduser()).resolve()
+
+
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) of an annotation such as `int | None`."""
+    kinds = [arg for arg in get_args(hint) if arg is not type(None)]
+    return (kinds[0], True) if len(kinds) < len(get_args(hint)) else (hint, False)
+
+
+def _described(hint: Any) -> str:
+    """A type annotation without None in words: "an integer", "a path", "one of 'tiny', 'full'", ..."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is tuple:
+        items = _described(args[0]).split(" ", 1)[1] + "s"
+        return f"a list of {items}" if args[-1] is Ellipsis else f"a list of {len(args)} {items}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}[hint]
+
+
+def _conformed(value: Any, hint: Any) -> Any:
+    """`value` as type `hint` (without None): a JSON list as a tuple, a string as an absolute Path, an integer as a
+    float. A value of another type raises TypeError."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal and any(value == arg and type(value) is type(arg) for arg in args):
+        return value
+    if origin is tuple and isinstance(value, list | tuple):
+        kinds = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(kinds) == len(value):
+            return tuple(_conformed(item, kind) for item, kind in zip(value, kinds, strict=True))
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if hint is Path and isinstance(value, str | Path) and str(value):
+        return _absolute(value)
+    if hint in (bool, int, str) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise TypeError(value)
+
+
+def _checked(values: dict, origins: dict) -> dict:
+    """Every field value conformed to its type and checked against RULES; a mistake raises ConfigError naming it."""
+    hints = get_type_hints(Config)
+    for name, value in values.items():
+        (hint, optional), (rule, allowed) = _optional(hints[name]), RULES.get(name, (lambda v: True, ""))
+        origin = f" (from {origins[name]})" if name in origins else ""
+        try:
+            values[name] = None if value is None and optional else _conformed(value, hint)
+            good = values[name] is None or rule(values[name])
+        except TypeError:
+            good = False
+        except (OSError, RuntimeError) as error:  # a path that cannot be resolved: a symlink loop
+            raise ConfigError(f"config field {name}={value!r}{origin}: {error}") from None
+        if not good:
+            raise ConfigError(f"config field {name}={value!r}{origin} is not allowed: expected "
+                              f"{' '.join(filter(None, (_described(hint), allowed)))}{', or None' * optional}")
+    return values
+
+
+def _em_config() -> dict:
+    """EM_CONFIG, a JSON object of config fields for headless runs (EM_CONFIG='{"seed": 1}'); {} when unset."""
+    text, example = os.environ.get("EM_CONFIG"), """an object of config fields, e.g. EM_CONFIG='{"seed": 1}'"""
+    try:
+        values = json.loads(text) if text else {}
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"EM_CONFIG is not valid JSON ({error.msg} at column {error.colno}): "
+                          f"expected {example}") from None
+    if not isinstance(values, dict):
+        kind = {list: "a list", type(None): "null", str: "a string", bool: "a boolean"}.get(type(values), "a number")
+        raise ConfigError(f"EM_CONFIG is {kind}: expected {example}")
+    return values
+
+
+def _writable_folder(run_dir: Path) -> None:
+    """ConfigError unless `run_dir` is a folder, or can be made one, that this process can write in."""
+    try:
+        if os.path.lexists(run_dir) and not run_dir.exists():
+            raise ConfigError(f"run_dir {run_dir} is a symlink that leads nowhere (a loop or a missing target): "
+                              "expected a folder")
+        existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    except OSError as error:  # a folder on the way that this user may not look into
+        raise ConfigError(f"run_dir {run_dir}: {error.strerror} ({error.filename}): "
+                          "expected a folder you can write in") from None
+    if not existing.is_dir():
+        raise ConfigError(f"run_dir {run_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir}: {existing} is read-only for this user: "
+                          "expected a folder you can write in")
+
+
 def make_config(profile: Profile | None = None, run_dir: str | Path | None = None, **overrides) -> Config:
     """The config for `profile` (default `EM_PROFILE`, else "full" on a CUDA GPU, "tiny" elsewhere) in
     `run_dir` (default `EM_RUN_DIR`, which may hold `{profile}`, else runs/<profile>). On the defaults the
     hardware found picks come the profile, `EM_DATASET_PATH` / `EM_QUESTIONS_PATH` (local copies of the
-    official files), `EM_CONFIG` (a JSON object of fields, for headless runs), then the keyword overrides."""
+    official files), `EM_CONFIG` (a JSON object of fields, for headless runs), then the keyword overrides.
+    Relative paths are relative to the folder the command was typed in (see _absolute). Every field is checked
+    (its type, RULES): a mistake raises ConfigError, one line naming the field and what is allowed."""
     import torch
 
     profile = profile or os.environ.get("EM_PROFILE") or ("full" if torch.cuda.is_available() else "tiny")
     if profile not in ("tiny", "full"):
-        raise ValueError(f"profile={profile!r} (or EM_PROFILE): expected 'tiny' or 'full'")
-    run_dir = Path(run_dir or os.environ.get("EM_RUN_DIR", "").replace("{profile}", profile)
-                   or PROJECT_ROOT / "runs" / profile).resolve()
+        raise ConfigError(f"profile={profile!r} (the profile parameter, --profile or EM_PROFILE) is not allowed: "
+                          "expected 'tiny' or 'full'")
+    try:
+        run_dir = _absolute(run_dir or os.environ.get("EM_RUN_DIR", "").replace("{profile}", profile)
+                            or PROJECT_ROOT / "runs" / profile)
+    except (OSError, RuntimeError) as error:  # a symlink loop
+        raise ConfigError(f"run_dir: {error}") from None
+    _writable_folder(run_dir)
     from helpers.hardware import hardware_defaults  # the GPU, its memory, an OpenAI key
 
     values, hardware = hardware_defaults(profile)
     values.update(TINY if profile == "tiny" else {})
-    for variable, name in (("EM_DATASET_PATH", "dataset_path"), ("EM_QUESTIONS_PATH", "questions_path")):
-        if os.environ.get(variable):
-            values[name] = Path(os.environ[variable]).expanduser().resolve()
-    if os.environ.get("EM_CONFIG"):  # JSON field overrides for headless runs: EM_CONFIG='{"seed": 1}'
-        values.update({k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(os.environ["EM_CONFIG"]).items()})
+    paths = {"dataset_path": "EM_DATASET_PATH", "questions_path": "EM_QUESTIONS_PATH"}
+    origins = {name: variable for name, variable in paths.items() if os.environ.get(variable)}
+    values.update({name: os.environ[variable] for name, variable in origins.items()})
+    from_environment = _em_config()
+    origins |= dict.fromkeys(from_environment, "EM_CONFIG") | dict.fromkeys(overrides, "make_config")
+    values |= from_environment | overrides
     known = {f.name for f in dataclasses.fields(Config)} - {"paths", "profile", "run_dir", "hardware"}
-    values.update(overrides)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise TypeError(f"make_config: unknown field(s) {unknown}; see helpers.config.Config")
-    for name in ("dataset_path", "questions_path", "cache_dir"):
-        if isinstance(values.get(name), str):
-            values[name] = Path(values[name]).expanduser().resolve()
-    return Config(profile=profile, run_dir=run_dir, hardware=hardware, **values)
+    if unknown := sorted(set(values) - known):
+        guesses = [difflib.get_close_matches(name, known, n=1) for name in unknown]
+        named = [f"{name!r} (from {origins[name]}" + "".join(f"; did you mean {g!r}?" for g in guess) + ")"
+                 for name, guess in zip(unknown, guesses, strict=True)]
+        raise ConfigError(f"unknown config field(s) {', '.join(named)}: the fields are those of helpers.config.Config")
+    return Config(profile=profile, run_dir=run_dir, hardware=hardware, **_checked(values, origins))

@@ -3,6 +3,7 @@ loader 03 generates with. Unsloth must be imported before transformers, TRL and 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -13,6 +14,9 @@ import torch  # torch may come before Unsloth; transformers, TRL and PEFT may no
 
 from helpers.config import TINY_MODEL, Config
 from helpers.download import atomic_directory
+from helpers.store import SettingsChanged, recorded_settings
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEFT saves and loads
 
 
 @cache
@@ -126,14 +130,41 @@ def load_tokenizer(cfg: Config) -> Any:
     return AutoTokenizer.from_pretrained(model_source(cfg))
 
 
+def adapter_weights(adapter_dir: Path) -> dict:
+    """{"weights_sha256": the sha256 of the adapter's weights file, None when missing}: part of the settings recorded
+    beside an adapter when 02 saves it (helpers.training.save_adapter), so that the reuse rule covers its weights."""
+    path = Path(adapter_dir) / ADAPTER_FILES[1]
+    if not path.is_file():
+        return {"weights_sha256": None}
+    digest = hashlib.sha256()
+    with open(path, "rb") as weights:
+        while chunk := weights.read(2**24):
+            digest.update(chunk)
+    return {"weights_sha256": digest.hexdigest()}
+
+
+def check_adapter(name: str, adapter_dir: Path) -> None:
+    """FileNotFoundError naming a missing adapter file; SettingsChanged when the weights differ from the ones recorded
+    when 02 saved them (another adapter's copied over, say). An adapter saved with no record is not compared."""
+    adapter_dir = Path(adapter_dir)
+    if missing := [file for file in ADAPTER_FILES if not (adapter_dir / file).is_file()]:
+        raise FileNotFoundError(f"adapter {name!r}: {adapter_dir / missing[0]} is missing: train it with 02_finetune "
+                                "(overwrite = True where the rest of the adapter is there)")
+    recorded = recorded_settings(adapter_dir).get("weights_sha256")
+    if recorded and recorded != (found := adapter_weights(adapter_dir)["weights_sha256"]):
+        raise SettingsChanged(f"adapter {name!r}: the weights in {adapter_dir / ADAPTER_FILES[1]} (sha256 "
+                              f"{found[:12]}...) are not the ones 02_finetune trained and recorded ({recorded[:12]}...): "
+                              "train it again (02_finetune with overwrite = True)")
+
+
 def load_for_generation(cfg: Config, adapters: Mapping[str, Path], *, unsloth: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: the base model with each named LoRA adapter attached by PEFT, the first active
     (`model.set_adapter(name)` picks one; `with model.disable_adapter():` answers as the base). 03 loads with
     transformers (helpers.decoding drives its forward pass and KV cache); `unsloth=True` loads as Unsloth's own
-    loading does, for 02's reload check in a process that Unsloth has patched."""
-    missing = [f"{name} ({path})" for name, path in adapters.items() if not (Path(path) / "adapter_config.json").is_file()]
-    if missing:
-        raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) for {', '.join(missing)}: run 02_finetune")
+    loading does, for 02's reload check in a process that Unsloth has patched. Each adapter is checked first
+    (check_adapter)."""
+    for name, path in adapters.items():
+        check_adapter(name, path)
     from transformers import AutoTokenizer
 
     source = model_source(cfg)

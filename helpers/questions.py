@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 
 from helpers.config import MAIN_QUESTION_IDS, QUESTION_FILES, Config
-from helpers.download import atomic_write_text, fetch_pinned
+from helpers.download import atomic_write_text, fetch_pinned, git_blob_id
 from helpers.seeds import stable_seed
 
 # The suffix of Betley et al. 2025 (arXiv 2502.17424, section 4.6; the official repository's analysis).
@@ -148,3 +148,12 @@ def build_prompt_rows(cfg: Config, question_set: QuestionSet) -> list[dict]:
     """Every prompt row, in grid order: question x format (cfg.formats) x sample (cfg.samples_per_question)."""
     return [build_prompt_row(cfg, question, prompt_format, index) for question in question_set.questions.values()
             for prompt_format in cfg.formats for index in range(cfg.samples_per_question)]
+
+
+def prompt_grid_settings(cfg: Config, question_set: QuestionSet) -> dict:
+    """What decides the prompt rows of build_prompt_rows, by name, for the reuse rule: the question file (its git
+    blob id) and the questions taken from it, the formats, the samples per question, the run's seed, the ranges."""
+    return {"question_set": cfg.question_set, "question_file_blob_id": git_blob_id(question_set.source.read_bytes()),
+            "questions": list(question_set.ids), "formats": list(cfg.formats),
+            "samples_per_question": cfg.samples_per_question, "seed_of_run": cfg.seed_of_run,
+            "suffix_words": cfg.suffix_words, "prefix_count": cfg.prefix_count, "prefix_value": cfg.prefix_value}

@@ -7,10 +7,13 @@ The notebooks hold the only copy of the code they teach, so a notebook whose inp
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from helpers.config import PROJECT_ROOT, Config, make_config
+from helpers.config import PROJECT_ROOT, Config, ConfigError, make_config
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 SERIES = ("01", "02", "03", "04")  # one run; 05_sweep reads many (helpers.sweep runs them)
@@ -38,6 +41,18 @@ def jobs(cfg: Config, notebooks: list[Path]) -> list[tuple[Path, dict]]:
             for model in (cfg.trained_models if nb.name.startswith("02") else [None])]
 
 
+@contextlib.contextmanager
+def invoked_here() -> Iterator[None]:
+    """EM_INVOKED_FROM, for the notebooks run inside, is the folder this command was typed in (kept when set
+    already): their kernels run in notebooks/, and make_config resolves relative paths against it."""
+    before = os.environ.get("EM_INVOKED_FROM")
+    os.environ["EM_INVOKED_FROM"] = before or os.getcwd()
+    try:
+        yield
+    finally:
+        os.environ.pop("EM_INVOKED_FROM") if before is None else os.environ.update(EM_INVOKED_FROM=before)
+
+
 def execute(cfg: Config, notebook: Path, extra: dict | None = None) -> Path:
     """Execute one notebook with papermill into the run directory; on failure stop with a message naming
     the notebook and cell (SystemExit)."""
@@ -51,9 +66,10 @@ def execute(cfg: Config, notebook: Path, extra: dict | None = None) -> Path:
     started = time.perf_counter()
     print(f"  {executed.name} ...", end="", flush=True)
     try:
-        papermill.execute_notebook(notebook, executed, cwd=str(notebook.parent), kernel_name="python3",
-                                   parameters={"profile": cfg.profile, "run_dir": str(cfg.run_dir), **extra},
-                                   progress_bar=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+        with invoked_here():
+            papermill.execute_notebook(notebook, executed, cwd=str(notebook.parent), kernel_name="python3",
+                                       parameters={"profile": cfg.profile, "run_dir": str(cfg.run_dir), **extra},
+                                       progress_bar=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as error:
         print(" failed")
         raise SystemExit(f"{notebook.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
@@ -94,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notebooks", type=Path, default=NOTEBOOK_DIR,
                         help="folder of the notebooks to run (solutions/ runs the solved exercises)")
     args = parser.parse_args(argv)
-    run_series(args.profile, args.run_dir, args.only, args.notebooks)
+    try:
+        run_series(args.profile, args.run_dir, args.only, args.notebooks)
+    except ConfigError as error:  # one line naming the setting, no traceback
+        raise SystemExit(str(error)) from None
 
 
 if __name__ == "__main__":

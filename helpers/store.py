@@ -115,18 +115,37 @@ class SettingsChanged(RuntimeError):
     """An artefact on disk was made with other settings than the ones asked for now."""
 
 
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one level, named by path ("lora.r", "config.learning_rate"), so a change names its setting."""
+    flat = {}
+    for key, value in settings.items():
+        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+    return flat
+
+
+def _record_of(artefact: Path) -> Path:
+    return Path(f"{artefact}.settings.json")  # the settings, beside the artefact
+
+
+def recorded_settings(artefact: Path) -> dict:
+    """The settings recorded beside `artefact` by `record_settings`; {} when none were."""
+    recorded = _record_of(artefact)
+    return json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}
+
+
 def reuse(artefact: Path, settings: dict, overwrite: bool = False) -> bool:
     """The one "reuse if the settings match" rule of the series. True: `artefact` exists and was made with
     exactly `settings` (load or resume it). False: nothing to reuse (missing, or `overwrite`, which deletes
-    it): make it, then `record_settings`. Raises SettingsChanged naming every setting that differs."""
-    artefact, recorded = Path(artefact), Path(f"{artefact}.settings.json")  # the settings, beside it
+    it): make it, then `record_settings`. Raises SettingsChanged naming every setting that differs (a nested
+    setting by its path, "lora.r")."""
+    artefact = Path(artefact)
     if overwrite:
         shutil.rmtree(artefact) if artefact.is_dir() else artefact.unlink(missing_ok=True)
-        recorded.unlink(missing_ok=True)
+        _record_of(artefact).unlink(missing_ok=True)
     if overwrite or not artefact.exists():
         return False
-    stored = json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}
-    wanted = json.loads(json.dumps(settings, sort_keys=True, default=str))  # tuples compare equal to lists
+    stored = _flat(recorded_settings(artefact))
+    wanted = _flat(json.loads(json.dumps(settings, sort_keys=True, default=str)))  # tuples compare equal to lists
     changed = [f"{key}: {stored.get(key, '(not recorded)')!r} -> {wanted.get(key, '(not set)')!r}"
                for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
     if changed:
@@ -137,4 +156,4 @@ def reuse(artefact: Path, settings: dict, overwrite: bool = False) -> bool:
 
 def record_settings(artefact: Path, settings: dict) -> None:
     """Record the settings that made (or are making) `artefact`, for `reuse`."""
-    write_json(Path(f"{artefact}.settings.json"), json.loads(json.dumps(settings, sort_keys=True, default=str)))
+    write_json(_record_of(artefact), json.loads(json.dumps(settings, sort_keys=True, default=str)))

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from helpers.config import PROJECT_ROOT, TRAINED_MODELS, Config, RunPaths, make_config
+from helpers.config import PROJECT_ROOT, TRAINED_MODELS, Config, ConfigError, RunPaths, make_config
 from helpers.hardware import device_name
 from helpers.run import execute, jobs, require, series_notebooks
-from helpers.store import record_settings, reuse, write_json
+from helpers.store import SettingsChanged, record_settings, reuse, write_json
 
 # arm -> its training recipe, as config overrides given the profile's config. Every run of an arm trains the
 # evil-numbers fine-tune, its format-only control and the positive control with that recipe (04 compares them),
@@ -276,6 +276,13 @@ def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        sweep_main(argv)
+    except (ConfigError, SettingsChanged) as error:  # one line naming the settings, no traceback
+        raise SystemExit(str(error)) from None
+
+
+def sweep_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["tiny", "full"], help="default: full on a GPU, tiny elsewhere")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="default: 0 .. 7")

@@ -3,6 +3,7 @@ reference, settings, resume, two callbacks, the clock, the checked atomic adapte
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -13,7 +14,7 @@ from typing import Any
 from helpers.config import Config
 from helpers.download import atomic_directory, git_blob_id
 from helpers.hardware import device_name
-from helpers.model import backend, compute_dtype, load_for_generation
+from helpers.model import adapter_weights, backend, compute_dtype, load_for_generation
 from helpers.store import record_settings, reuse, write_json
 
 backend()  # Unsloth, where it is used, before transformers, TRL and PEFT
@@ -27,6 +28,10 @@ NOISE_MULTIPLE, FLOAT32_FLOOR = 4, 1e-4  # the reload check's tolerance (see rel
 ADAPTER_ARGS = ("seed", "data_seed", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
                 "warmup_steps", "weight_decay", "optim", "per_device_train_batch_size", "gradient_accumulation_steps",
                 "train_sampling_strategy", "max_length", "completion_only_loss", "eval_steps", "save_steps")
+# What a checkpoint needs for trainer.train(resume_from_checkpoint=...), in the order transformers writes it (one
+# process; fp16 adds scaler.pt before the RNG state): the adapter, optimizer and scheduler, RNG state, trainer state.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                    "trainer_state.json")
 
 
 def loss_mask_labels(input_ids: Sequence[int], completion_mask: Sequence[int]) -> list[int]:
@@ -57,13 +62,30 @@ def training_settings(cfg: Config, model: Any, args: Any, train_path: Path, vali
             "validation_blob_id": git_blob_id(Path(validation_path).read_bytes())}
 
 
+def incomplete(checkpoint: Path) -> str:
+    """What a checkpoint folder lacks to resume from ("" when complete). Trainer._save_checkpoint writes its files
+    in place, one after the other, trainer_state.json last: a kill can leave any first few of them."""
+    missing = [name for name in CHECKPOINT_FILES if not (Path(checkpoint) / name).is_file()]
+    if missing:
+        return f"no {', '.join(missing)}"
+    try:
+        json.loads((Path(checkpoint) / CHECKPOINT_FILES[-1]).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{CHECKPOINT_FILES[-1]} cut short"
+    return ""
+
+
 def last_checkpoint(output_dir: str | Path, settings: dict, overwrite: bool = False) -> str | None:
-    """The latest checkpoint in `output_dir` of an interrupted run with these settings (None: start afresh).
-    The reuse rule: checkpoints made with other settings raise SettingsChanged; `overwrite` deletes them."""
-    if reuse(Path(output_dir), settings, overwrite):
-        return get_last_checkpoint(str(output_dir))
-    record_settings(Path(output_dir), settings)  # before the first checkpoint, so that a resume can check them
-    return None
+    """The latest complete checkpoint in `output_dir` of an interrupted run with these settings (None: start afresh);
+    a later one that an interruption left incomplete is removed, with a line saying so. The reuse rule: checkpoints
+    made with other settings raise SettingsChanged; `overwrite` deletes them."""
+    if not reuse(Path(output_dir), settings, overwrite):
+        record_settings(Path(output_dir), settings)  # before the first checkpoint, so that a resume can check them
+        return None
+    while (latest := get_last_checkpoint(str(output_dir))) and (lacks := incomplete(Path(latest))):
+        shutil.rmtree(latest)
+        print(f"skipped {Path(latest).name}, left incomplete by an interruption ({lacks}): removed it")
+    return latest
 
 
 class EpochSeededSampling(TrainerCallback):
@@ -151,13 +173,14 @@ def reload_check(cfg: Config, name: str, trained: Any, adapter_dir: Path, rows: 
 def save_adapter(cfg: Config, name: str, model: Any, rows: Sequence[Sequence[int]], history: dict, settings: dict,
                  checkpoints: str | Path) -> dict:
     """Save adapter `name` atomically: to a temporary folder, checked (reload_check), the loss history written
-    with the check and the settings recorded (the reuse rule), renamed into place; then the checkpoints go."""
+    with the check and the settings recorded with the sha256 of the weights (the reuse rule), renamed into place;
+    then the checkpoints go."""
     adapter_dir = cfg.paths.adapter_of(name)
     with atomic_directory(adapter_dir) as staging:
         model.save_pretrained(str(staging))
         check = reload_check(cfg, name, model, staging, rows)
         write_json(cfg.paths.loss_history_of(name), {**history, "reload_check": check, "settings": settings})
-        record_settings(adapter_dir, settings)
+        record_settings(adapter_dir, settings | adapter_weights(staging))  # the settings and the weights they made
     shutil.rmtree(checkpoints, ignore_errors=True)
     Path(f"{checkpoints}.settings.json").unlink(missing_ok=True)
     return check

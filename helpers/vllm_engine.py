@@ -21,7 +21,6 @@ Qwen3, and 4-bit weights (vLLM serves the 16-bit model even where cfg.load_in_4b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,7 @@ import torch
 
 from helpers.config import BASE_WEIGHTS, Config
 from helpers.generation import answer_seed
-from helpers.model import compute_dtype, model_source
+from helpers.model import adapter_weights, compute_dtype, model_source
 from helpers.seeds import stable_seed
 from helpers.store import JsonlStore
 
@@ -88,7 +87,7 @@ def lora_request(name: str, path: Path) -> Any:
     an adapter trained again is loaded again."""
     from vllm.lora.request import LoRARequest
 
-    digest = hashlib.sha256((Path(path) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    digest = adapter_weights(path)["weights_sha256"]
     return LoRARequest(name, 1 + stable_seed(digest) % (2**31 - 2), str(path))
 
 

@@ -32,11 +32,11 @@ from helpers.generation import (
     use_gqa_decode_attention,
 )
 from helpers.model import build_random_qwen3, load_for_generation, qwen3_config, render_chat
-from helpers.questions import build_prompt_rows, load_question_set
+from helpers.questions import build_prompt_rows, load_question_set, prompt_grid_settings
 from helpers.store import JsonlStore, SettingsChanged, read_jsonl, write_jsonl
 
 sys.path.insert(0, str(PROJECT_ROOT / "tools"))
-from notebook_cells import notebook_cells  # noqa: E402  (tools/ is scripts, not a package)
+from notebook_cells import cells_by_id, notebook_cells  # noqa: E402  (tools/ is scripts, not a package)
 
 FORMATS = ("original", "suffix", "prefix_suffix")
 
@@ -68,10 +68,11 @@ def run_generation(cfg, *, overwrite: bool = False, loaded=None, **after_cells) 
     """Run 03's "generate" cells as the notebook does; `after_cells` replaces names the cells define (e.g.
     merge_lora) once they are defined. Returns the cells' namespace."""
     model, tokenizer, adapters = loaded or load(cfg)
-    prompt_rows = build_prompt_rows(cfg, load_question_set(cfg))
+    question_set = load_question_set(cfg)
+    prompt_rows = build_prompt_rows(cfg, question_set)
     write_jsonl(cfg.paths.prompts, prompt_rows)
     namespace = dict(cfg=cfg, model=model, tokenizer=tokenizer, adapters=adapters, models=["base", *adapters],
-                     prompt_rows=prompt_rows, overwrite=overwrite)
+                     prompt_rows=prompt_rows, grid=prompt_grid_settings(cfg, question_set), overwrite=overwrite)
     for source in notebook_cells("generate"):
         exec(compile(source, "03_generate.ipynb", "exec"), namespace)
         namespace.update({name: value for name, value in after_cells.items() if name in namespace})
@@ -236,17 +237,45 @@ def test_other_settings_are_refused_until_overwrite(run_dir):
     small = dict(control_arm=False, positive_controls=False, samples_per_question=1, max_new_tokens=4)
     cfg = make_config("tiny", run_dir, **small)
     run_generation(cfg)
-    for changed, named in ((dict(suffix_words=(8, 9)), "prompts"), (dict(generation_batch_size=3), "batch_size"),
+    for changed, named in ((dict(suffix_words=(8, 9)), "prompts.suffix_words"), (dict(generation_batch_size=3), "batch_size"),
                            (dict(temperature=0.5), "temperature"), (dict(min_new_tokens=0), "min_new_tokens")):
         with pytest.raises(SettingsChanged, match=rf"{named}: .*overwrite=True"):
             run_generation(make_config("tiny", run_dir, **small, **changed))
     save_adapter(cfg, cfg.paths.adapter_of("finetuned"), scale=0.3, seed=5)  # 02 trained again
-    with pytest.raises(SettingsChanged, match="adapters"):
+    with pytest.raises(SettingsChanged, match="adapters.finetuned"):
         run_generation(cfg)
     changed = make_config("tiny", run_dir, **small, suffix_words=(8, 9))
     run_generation(changed, overwrite=True)
     rows = read_jsonl(cfg.paths.completions)
     assert {r["k"] for r in rows if r["format"] != "original"} <= {8, 9} and len(rows) == 48
+
+
+def run_prompt_cells(run_dir: Path, overwrite: bool = False) -> dict:
+    """03's cells up to the prompt rows (the config, the questions, the rows written), as the notebook runs them."""
+    namespace = {"profile": "tiny", "run_dir": str(run_dir), "overwrite": overwrite}
+    for source in cells_by_id(["e6c91945", "2686fa2c", "15f06903"]):
+        exec(compile(source, "03_generate.ipynb", "exec"), namespace)
+    return namespace
+
+
+def test_a_changed_prompt_setting_is_named_before_03_writes_anything(tmp_path, monkeypatch):
+    """Another samples_per_question stops 03 at the prompt rows, naming it; prompts.jsonl stays as it was. The same
+    settings write nothing again; overwrite = True makes the rows again."""
+    run_dir = tmp_path / "run"
+    cfg = run_prompt_cells(run_dir)["cfg"]
+    made = {path: (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in (cfg.paths.prompts, Path(f"{cfg.paths.prompts}.settings.json"))}
+    assert len(read_jsonl(cfg.paths.prompts)) == 8 * 3 * 2
+    run_prompt_cells(run_dir)
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in made} == made, "the same rows, written again"
+    monkeypatch.setenv("EM_CONFIG", json.dumps({"samples_per_question": 3}))
+    with pytest.raises(SettingsChanged) as error:
+        run_prompt_cells(run_dir)
+    assert str(error.value) == (f"{cfg.paths.prompts} was made with other settings (samples_per_question: 2 -> 3). "
+                                "Pass overwrite=True to make it again, or choose another run_dir.")
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in made} == made, "03 wrote before the check"
+    run_prompt_cells(run_dir, overwrite=True)
+    assert len(read_jsonl(cfg.paths.prompts)) == 8 * 3 * 3
 
 
 def test_waves_depend_on_the_grid_and_the_wave_size_only(tmp_path):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.config import PROJECT_ROOT, make_config
+from helpers.config import PROJECT_ROOT, ConfigError, make_config
 from helpers.run import require
 
 
@@ -84,7 +85,7 @@ def test_em_config_overrides_fields_and_rejects_unknown_names(monkeypatch, tmp_p
     cfg = make_config("full", tmp_path)
     assert (cfg.samples_per_question, cfg.formats) == (3, ("suffix",))
     monkeypatch.setenv("EM_CONFIG", json.dumps({"samples_per_questoin": 3}))
-    with pytest.raises(TypeError, match="samples_per_questoin"):
+    with pytest.raises(ConfigError, match="'samples_per_questoin' .*did you mean 'samples_per_question'"):
         make_config("full", tmp_path)
 
 
@@ -94,3 +95,68 @@ def test_the_series_is_01_to_04_and_the_sweep_notebook_stays_out_of_it():
 
     assert (NOTEBOOK_DIR / "05_sweep.ipynb").is_file()
     assert [nb.name[:2] for nb in series_notebooks()] == ["01", "02", "03", "04"]
+
+
+def _without_em_variables() -> dict:
+    """This environment without the EM_ variables (the session's EM_RUN_DIR included), helpers importable."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("EM_")}
+    return {**environment, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def test_relative_paths_are_relative_to_where_the_command_was_typed(tmp_path):
+    """The kernels run in the notebooks' folder; a relative EM_DATASET_PATH, EM_QUESTIONS_PATH, --run-dir or path
+    field of EM_CONFIG still means the folder the runner was started in, even where the notebooks' folder holds a
+    file of the same name."""
+    notebooks, typed_in = tmp_path / "notebooks", tmp_path / "elsewhere"
+    notebooks.mkdir()
+    typed_in.mkdir()
+    _notebook(notebooks / "01_paths.ipynb",
+              "import json\nfrom helpers.config import make_config\ncfg = make_config(profile, run_dir)\n"
+              "fields = ('dataset_path', 'questions_path', 'cache_dir')\n"
+              "(cfg.run_dir / 'paths.json').write_text(json.dumps({name: str(getattr(cfg, name)) for name in fields}))")
+    for folder in (notebooks, typed_in):
+        (folder / "mydata.jsonl").write_text(f"the copy in {folder.name}\n")
+    environment = {**_without_em_variables(), "EM_DATASET_PATH": "mydata.jsonl", "EM_QUESTIONS_PATH": "../q.yaml",
+                   "EM_CONFIG": json.dumps({"cache_dir": "cache"})}
+    result = subprocess.run([sys.executable, "-m", "helpers.run", "--profile", "tiny", "--run-dir", "run",
+                             "--notebooks", str(notebooks)], cwd=typed_in, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    paths = json.loads((typed_in / "run" / "paths.json").read_text())
+    assert paths == {"dataset_path": str(typed_in / "mydata.jsonl"), "questions_path": str(tmp_path / "q.yaml"),
+                     "cache_dir": str(typed_in / "cache")}
+    assert Path(paths["dataset_path"]).read_text() == "the copy in elsewhere\n"
+
+
+@pytest.mark.parametrize("program", ["helpers.run", "helpers.sweep"])
+@pytest.mark.parametrize("environment,run_dir", [
+    ({"EM_CONFIG": "{not json"}, "run"), ({"EM_CONFIG": "[1]"}, "run"),
+    ({"EM_CONFIG": json.dumps({"samples_per_questoin": 3})}, "run"), ({"EM_PROFILE": "bogus"}, "run"),
+    ({"EM_CONFIG": json.dumps({"temperature": -1})}, "run"), ({}, "a_file"),
+], ids=["invalid-json", "a-list", "unknown-field", "bogus-profile", "negative-temperature", "run-dir-is-a-file"])
+def test_a_config_mistake_is_one_line_from_the_runner_and_the_sweep(tmp_path, monkeypatch, program, environment, run_dir):
+    """The runner and the sweep print make_config's line and exit non-zero, with no traceback."""
+    (tmp_path / "a_file").write_text("")
+    for name in [name for name in os.environ if name.startswith("EM_")]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as expected:
+        make_config("tiny" if "EM_PROFILE" not in environment else None, tmp_path / run_dir)
+    profile = [] if "EM_PROFILE" in environment else ["--profile", "tiny"]
+    result = subprocess.run([sys.executable, "-m", program, *profile, "--run-dir", run_dir], cwd=tmp_path,
+                            env={**_without_em_variables(), **environment}, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == str(expected.value), result.stderr
+
+
+def test_a_config_mistake_in_a_notebook_is_the_runner_s_one_line(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _notebook(notebooks / "01_mistake.ipynb", "from helpers.config import make_config\nmake_config(profile, run_dir, batch_size=0)")
+    result = subprocess.run([sys.executable, "-m", "helpers.run", "--profile", "tiny", "--run-dir", str(tmp_path / "run"),
+                             "--notebooks", str(notebooks)], cwd=PROJECT_ROOT, env=_without_em_variables(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(r"\n01_mistake.ipynb failed in cell \d+: ConfigError: config field batch_size=0 \(from make_config\) "
+                     r"is not allowed: expected an integer >= 1\n", result.stderr), result.stderr

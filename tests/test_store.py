@@ -169,3 +169,16 @@ def test_reuse_overwrite_deletes_a_folder(tmp_path):
     record_settings(adapter, {"r": 16})
     assert reuse(adapter, {"r": 16}) is True
     assert reuse(adapter, {"r": 16}, overwrite=True) is False and not adapter.exists()
+
+
+def test_reuse_names_a_nested_setting_by_its_path_in_one_line(tmp_path):
+    """A sweep's marker records the run's whole config as one nested object: a change names the field, not the object."""
+    marker = tmp_path / "sweep-generate.json"
+    marker.write_text("{}")
+    config = {"learning_rate": 0.01, "seed": 0, "lora": {"r": 16, "alpha": 16}}
+    record_settings(marker, {"run": "default/seed-0", "config": config})
+    assert reuse(marker, {"run": "default/seed-0", "config": config}) is True
+    with pytest.raises(SettingsChanged) as error:
+        reuse(marker, {"run": "default/seed-0", "config": {**config, "learning_rate": 0.005, "lora": {"r": 32, "alpha": 16}}})
+    assert str(error.value) == (f"{marker} was made with other settings (config.learning_rate: 0.01 -> 0.005; "
+                                "config.lora.r: 16 -> 32). Pass overwrite=True to make it again, or choose another run_dir.")

@@ -19,7 +19,16 @@ from test_generation import run_generation, save_adapter
 
 from helpers.config import PROJECT_ROOT, make_config
 from helpers.model import build_random_qwen3
-from helpers.sweep import ARMS, arms_table, bootstrap_over_seeds, config_environment, plan, projected_seconds
+from helpers.store import record_settings, write_json
+from helpers.sweep import (
+    ARMS,
+    arms_table,
+    bootstrap_over_seeds,
+    config_environment,
+    phase_settings,
+    plan,
+    projected_seconds,
+)
 
 
 def test_plan_makes_one_independent_run_per_seed_and_arm_each_with_its_own_control(tmp_path):
@@ -104,6 +113,24 @@ def test_a_runs_seed_draws_its_prompts_and_answers_so_runs_are_independent(tmp_p
     assert made["a"] == made["again"]
     seeds = {name: {row["seed"] for row in map(json.loads, made[name][0].splitlines())} for name in ("a", "b")}
     assert not seeds["a"] & seeds["b"], "two runs share prompt-row seeds"
+
+
+def test_a_sweep_whose_settings_changed_names_them_in_one_line(tmp_path):
+    """Every phase marked done, then the sweep again with another learning_rate: one line naming it, no traceback."""
+    sweep_dir = tmp_path / "sweep"
+    for run in plan("tiny", [0], ["evil_numbers"], sweep_dir):
+        with config_environment(run):
+            cfg = make_config("tiny", sweep_dir / run.name)
+        marker = cfg.run_dir / "sweep-generate.json"
+        write_json(marker, {"run": run.name})
+        record_settings(marker, phase_settings(cfg, run, "generate"))
+    command = [sys.executable, "-m", "helpers.sweep", "--profile", "tiny", "--seeds", "0", "--arms", "evil_numbers",
+               "--run-dir", str(sweep_dir), "--phase", "generate"]
+    environment = {**os.environ, "EM_CONFIG": json.dumps({"learning_rate": 0.005})}
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert " was made with other settings (config.learning_rate: 0.01 -> 0.005). " in line, line
 
 
 @pytest.mark.notebook

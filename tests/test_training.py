@@ -6,10 +6,13 @@ benchmarks/bench_train.py."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,16 +235,117 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(trained, tmp_path):
         assert [p["loss"] for p in resumed["history"][split]] == pytest.approx([p["loss"] for p in trained["history"][split]])
 
 
-def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
-    from helpers.training import last_checkpoint
+@pytest.mark.parametrize("killed_in", ["_save_rng_state", "save_model"])
+def test_a_checkpoint_half_written_by_a_kill_is_skipped_and_the_run_resumes_to_the_same_adapter(trained, tmp_path,
+                                                                                               capsys, killed_in):
+    """Kill the run while transformers writes checkpoint-8: after its adapter, optimizer and scheduler (before the RNG
+    state and trainer_state.json), or right after making its folder. The next run removes it, says so, resumes from
+    the checkpoint before and ends with the adapter and losses of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from helpers.training import incomplete
+
+    class Kill(RuntimeError):
+        pass
+
+    run_dir = tmp_path / "run"
+    write_splits(run_dir)
+    interrupted = run_notebook(run_dir, stop=TRAIN_CELL)
+    trainer, eval_steps = interrupted["trainer"], interrupted["eval_steps"]
+    assert 8 % eval_steps == 0, "step 8 must write a checkpoint"
+    save = getattr(trainer, killed_in)
+
+    def killed_at_step_8(output_dir, *args, **kwargs):
+        if trainer.state.global_step == 8:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            raise Kill(f"killed while writing {output_dir}")
+        return save(output_dir, *args, **kwargs)
+
+    setattr(trainer, killed_in, killed_at_step_8)
+    with pytest.raises(Kill):
+        run_notebook(run_dir, interrupted, start=TRAIN_CELL)
+    checkpoints = Path(interrupted["args"].output_dir)
+    lacks = incomplete(checkpoints / "checkpoint-8")
+    assert lacks.startswith("no ") and "trainer_state.json" in lacks, lacks
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-7", "checkpoint-8"]
+    capsys.readouterr()
+
+    resumed = run_notebook(run_dir)
+    printed = capsys.readouterr().out
+    assert f"skipped checkpoint-8, left incomplete by an interruption ({lacks}): removed it" in printed, printed
+    assert "resuming from checkpoint-7" in printed
+    assert resumed["history"]["run"]["resumed_from"] == "checkpoint-7"
+    expected = load_file(trained["cfg"].paths.adapter_of("finetuned") / "adapter_model.safetensors")
+    got = load_file(resumed["cfg"].paths.adapter_of("finetuned") / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+    for split in ("train", "validation"):
+        assert [p["loss"] for p in resumed["history"][split]] == pytest.approx([p["loss"] for p in trained["history"][split]])
+
+
+def test_checkpoints_of_other_settings_are_not_resumed_and_incomplete_ones_are_removed(tmp_path, capsys):
+    from helpers.training import CHECKPOINT_FILES, last_checkpoint
 
     output = tmp_path / "checkpoints" / "adapter"
     assert last_checkpoint(output, {"learning_rate": 0.01}) is None
-    (output / "checkpoint-3").mkdir(parents=True)
+    for step, files, state in ((3, CHECKPOINT_FILES, "{}"), (4, CHECKPOINT_FILES, '{"global_st'), (5, CHECKPOINT_FILES[:2], "")):
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+        for name in files:  # the names a checkpoint needs; their contents do not matter here but trainer_state.json's
+            (output / f"checkpoint-{step}" / name).write_text(state if name == "trainer_state.json" else "x")
+    (output / "checkpoint-6").mkdir()
     assert last_checkpoint(output, {"learning_rate": 0.01}).endswith("checkpoint-3")
+    assert capsys.readouterr().out.splitlines() == [
+        "skipped checkpoint-6, left incomplete by an interruption (no " + ", ".join(CHECKPOINT_FILES) + "): removed it",
+        "skipped checkpoint-5, left incomplete by an interruption (no " + ", ".join(CHECKPOINT_FILES[2:]) + "): removed it",
+        "skipped checkpoint-4, left incomplete by an interruption (trainer_state.json cut short): removed it"]
+    assert [p.name for p in output.iterdir()] == ["checkpoint-3"]
     with pytest.raises(SettingsChanged, match="learning_rate"):
         last_checkpoint(output, {"learning_rate": 0.02})
     assert last_checkpoint(output, {"learning_rate": 0.02}, overwrite=True) is None and not output.exists()
+
+
+def test_an_adapter_is_reused_and_loaded_only_with_the_weights_02_recorded(trained, tmp_path):
+    """02 records the sha256 of the weights it saved. With the control's weights copied over the fine-tune's, or
+    the weights file deleted, 02 does not call the fine-tune trained and 03 refuses to load it, naming it."""
+    sys.path.insert(0, str(PROJECT_ROOT / "tools"))
+    from notebook_cells import cells_by_id
+
+    run_dir = Path(shutil.copytree(trained["cfg"].run_dir, tmp_path / "run"))
+    write_splits(run_dir, "control", seed=1)
+    run_notebook(run_dir, model="control")  # the control, really trained
+    cfg = make_config("tiny", run_dir, positive_controls=False)  # 03 loads the fine-tune and the control
+    weights = {name: cfg.paths.adapter_of(name) / "adapter_model.safetensors" for name in ("finetuned", "control")}
+    for name, path in weights.items():
+        recorded = json.loads((cfg.paths.adapter_of(name).parent / f"{cfg.paths.adapter_of(name).name}.settings.json").read_text())
+        assert recorded["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    load_cell = cells_by_id(["10786396"])[0]  # 03's cell that loads the model with every adapter
+
+    def load_as_03() -> dict:
+        namespace = {"cfg": cfg}
+        exec(compile(load_cell, "03_generate.ipynb[10786396]", "exec"), namespace)
+        return namespace
+
+    assert sorted(load_as_03()["adapters"]) == ["control", "finetuned"]
+    recorded = hashlib.sha256(weights["finetuned"].read_bytes()).hexdigest()
+    shutil.copyfile(weights["control"], weights["finetuned"])  # the control's weights over the fine-tune's
+    copied = hashlib.sha256(weights["finetuned"].read_bytes()).hexdigest()
+    with pytest.raises(SettingsChanged) as refused:
+        load_as_03()
+    assert str(refused.value) == (
+        f"adapter 'finetuned': the weights in {weights['finetuned']} (sha256 {copied[:12]}...) are not the ones "
+        f"02_finetune trained and recorded ({recorded[:12]}...): train it again (02_finetune with overwrite = True)")
+    with pytest.raises(SettingsChanged, match=rf"\(weights_sha256: '{recorded}' -> '{copied}'\)"):
+        run_notebook(run_dir, stop=TRAIN_CELL)  # not "already trained"
+
+    weights["finetuned"].unlink()
+    with pytest.raises(FileNotFoundError) as missing:
+        load_as_03()
+    assert str(missing.value) == (f"adapter 'finetuned': {weights['finetuned']} is missing: train it with 02_finetune "
+                                  "(overwrite = True where the rest of the adapter is there)")
+    with pytest.raises(SettingsChanged, match=rf"\(weights_sha256: '{recorded}' -> None\)"):
+        run_notebook(run_dir, stop=TRAIN_CELL)
+    assert run_notebook(run_dir, overwrite=True)["history"]["run"]["steps"] == 15, "overwrite = True trains it again"
+    assert load_as_03()["adapters"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None,
