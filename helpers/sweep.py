@@ -31,7 +31,7 @@ from pathlib import Path
 
 from helpers.config import PROJECT_ROOT, Config, RunPaths, make_config
 from helpers.hardware import device_name
-from helpers.run import execute, jobs, require, series_notebooks
+from helpers.run import execute, jobs, require, run_directory_lock, series_notebooks
 from helpers.store import record_settings, reuse, write_json
 
 # arm -> (the model it trains, its config overrides given the profile's config). The default arms train in one
@@ -105,14 +105,17 @@ def phase_settings(cfg: Config, run: Run, phase: str) -> dict:
     return {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arms": list(run.arms), "config": values}
 
 
-def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable[[str], None] = print) -> None:
-    """Execute one phase of one run with papermill, unless its marker says it is done with these settings."""
+def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable[[str], None] = print,
+              overwrite: Sequence[str] = ()) -> None:
+    """Execute one phase of one run with papermill, holding its folder's lock, unless its marker says it is done
+    with these settings; the notebooks numbered in `overwrite` run again with overwrite = True."""
     notebooks = {nb.name[:2]: nb for nb in series_notebooks()}
-    with config_environment(run):
+    with config_environment(run), run_directory_lock(Path(sweep_dir) / run.name):
         cfg = make_config(profile, Path(sweep_dir) / run.name)
         marker = cfg.run_dir / f"sweep-{phase}.json"
         settings = phase_settings(cfg, run, phase)
-        if reuse(marker, settings):  # done with exactly these settings; other settings raise SettingsChanged
+        # done with exactly these settings (other settings raise SettingsChanged), unless a notebook is remade
+        if reuse(marker, settings, overwrite=any(number in overwrite for number in PHASES[phase])):
             log(f"{run.name}: {phase} done already")
             return
         if phase == "judge" and not (cfg.run_dir / "sweep-generate.json").is_file():
@@ -125,7 +128,7 @@ def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable
         steps = [(notebooks["03"], {})] if run.name == "base" else jobs(cfg, [notebooks[n] for n in PHASES[phase]])
         for notebook, extra in steps:
             started = time.perf_counter()
-            executed = execute(cfg, notebook, extra)
+            executed = execute(cfg, notebook, extra, overwrite=notebook.name[:2] in overwrite)
             seconds[executed.stem] = round(time.perf_counter() - started, 1)
         seconds["phase"] = round(time.perf_counter() - phase_started, 1)  # 01 included, when it had to run
         record_settings(marker, settings)
@@ -233,8 +236,10 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Path, phase: str = "all") -> dict | None:
-    """Run the sweep (this process's share under torchrun); return the summary on rank 0."""
+def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Path, phase: str = "all",
+              overwrite: Sequence[str] = ()) -> dict | None:
+    """Run the sweep (this process's share under torchrun), the notebooks numbered in `overwrite` remaking what
+    they made in every run; return the summary on rank 0."""
     rank, world = launch()
     sweep_dir = Path(sweep_dir).resolve()
     runs = plan(profile, seeds, arms, sweep_dir)
@@ -246,11 +251,11 @@ def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; runs {[r.name for r in runs[1 + rank::world]]}")
     phases = ["generate", "judge"] if phase == "all" else [phase]
     if "generate" in phases and rank == 0:
-        run_phase(profile, sweep_dir, runs[0], "generate", log)  # the base answers, once, before any run needs them
+        run_phase(profile, sweep_dir, runs[0], "generate", log, overwrite)  # the base answers, before any run needs them
     barrier(world)
     for run in runs[1 + rank::world]:
         for name in phases:
-            run_phase(profile, sweep_dir, run, name, log)
+            run_phase(profile, sweep_dir, run, name, log, overwrite)
     barrier(world)
     return write_summary(sweep_dir) if rank == 0 else None
 
@@ -264,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, help="the sweep directory; default runs/sweep-<profile>")
     parser.add_argument("--phase", choices=["generate", "judge", "all"], default="all",
                         help="generate: 01-03 (fine-tunes and answers); judge: 04; all: both")
+    parser.add_argument("--overwrite", nargs="+", choices=["02", "03", "04"], default=[], metavar="NN",
+                        help="remake what these notebooks made, in every run (their overwrite = True), e.g. --overwrite 04")
     parser.add_argument("--plan", action="store_true", help="print the runs and the projected wall time; run nothing")
     parser.add_argument("--seconds-per-run", type=float, help="for --plan: measured seconds of one run (both phases)")
     parser.add_argument("--base-seconds", type=float, default=0.0, help="for --plan: measured seconds of the base answers")
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     profile = args.profile or make_config().profile
     sweep_dir = args.run_dir or PROJECT_ROOT / "runs" / f"sweep-{profile}"
     if not args.plan:
-        run_sweep(profile, args.seeds, args.arms, sweep_dir, args.phase)
+        run_sweep(profile, args.seeds, args.arms, sweep_dir, args.phase, args.overwrite)
         return
     runs = plan(profile, args.seeds, args.arms, Path(sweep_dir))
     for run in runs:
