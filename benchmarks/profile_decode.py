@@ -156,8 +156,8 @@ def main() -> None:
                for row in rows]
     ends = [lengths[(args.lengths_of, row["question_id"], row["format"], row["sample_index"])] for row in rows]
     force = forced_ends(ends, eos, [eos, pad])
-    knobs = dict(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, stop_ids=[eos, pad],
-                 batch_size=args.batch_size, pad_id=pad)
+    knobs = dict(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                 stop_ids=[eos, pad], batch_size=args.batch_size, pad_id=pad)
     seeds = [answer_seed(cfg.seed, row) for row in rows]
 
     def synchronize() -> None:

@@ -1,4 +1,4 @@
-"""03's sampler for answers of very different lengths (issue 13): continuous batching on a transformers model.
+"""03's sampler for answers of very different lengths: continuous batching on a transformers model.
 
 Up to `batch_size` answers decode together, one token each per forward pass. An answer that ends leaves the
 batch and a waiting prompt takes its place, so a long answer never keeps a batch of finished ones busy (with
@@ -87,16 +87,21 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p
 @sdpa_kernel(ATTENTION_BACKENDS)
 def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, temperature: float,
                 top_p: float, max_new_tokens: int, stop_ids: Sequence[int], batch_size: int, pad_id: int,
+                min_new_tokens: int = 0,
                 on_finished: Callable[[list[int], list[tuple[list[int], bool]]], None] | None = None,
                 logits_processor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 ) -> list[tuple[list[int], bool]]:
     """Sample one answer per prompt (token ids, each at least 2 tokens), admitted in the order given, at most
     `batch_size` decoding at once. Returns per prompt (answer ids before the stop token, finished), finished False
-    when cut at max_new_tokens. `on_finished(indices, answers)` hears each group of answers as it completes (in
-    prompt order within a group); `logits_processor(prompt indices, steps, logits) -> logits` may change the
-    logits before each draw (the benchmark forces answer lengths there; an ended row's step is max_new_tokens)."""
+    when cut at max_new_tokens. The stop tokens cannot be drawn before `min_new_tokens` answer tokens (vLLM's
+    `min_tokens`: 1 makes every answer at least one token long). `on_finished(indices, answers)` hears each group
+    of answers as it completes (in prompt order within a group); `logits_processor(prompt indices, steps, logits)
+    -> logits` may change the logits before each draw (the benchmark forces answer lengths there; an ended row's
+    step is max_new_tokens); the stop tokens are barred after it."""
     if short := [index for index, prompt in enumerate(prompts) if len(prompt) < 2]:
         raise ValueError(f"sample_rows: prompts {short[:5]} have fewer than 2 tokens")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"sample_rows: min_new_tokens={min_new_tokens} must be 0 to max_new_tokens ({max_new_tokens})")
     device, count = model.device, len(prompts)
     uniforms = torch.from_numpy(np.stack([np.random.default_rng(seed).random(max_new_tokens) for seed in seeds])).to(device)
     stops = torch.tensor(sorted(set(stop_ids)), device=device)
@@ -161,6 +166,8 @@ def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[in
         steps = counts[rows]  # an ended row's count stays put: its draws are thrown away
         if logits_processor is not None:
             logits = logits_processor(rows, steps.masked_fill(~live, max_new_tokens), logits)
+        if min_new_tokens:  # no stop token before min_new_tokens answer tokens
+            logits[:, stops] = torch.where((steps < min_new_tokens)[:, None], float("-inf"), logits[:, stops])
         last = draw(logits, uniforms[rows, steps.clamp_max(max_new_tokens - 1)], temperature, top_p)
         positions = positions + 1
         # Store the draws of live rows (no boolean indexing: its result's size would make the CPU wait for the GPU)

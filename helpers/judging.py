@@ -42,10 +42,10 @@ def fill_judge_prompt(template: str, question: str, answer: str) -> str:
 
 
 def complete_answers(cfg: Config) -> list[dict]:
-    """Every answer 04 expects in grid order (base + cfg.trained_models x the prompt rows: questions x cfg.formats x
+    """Every answer 04 expects in grid order (cfg.answering_models x the prompt rows: questions x cfg.formats x
     samples), running 03 headless when there are none; a missing one is an error naming it (no partial verdict)."""
     run.require(cfg, "03")
-    models = ["base", *cfg.trained_models]
+    models = cfg.answering_models
     wanted = [(model, question, fmt, index) for model in models for question in load_question_set(cfg).ids
               for fmt in cfg.formats for index in range(cfg.samples_per_question)]
     stored = {tuple(r[k] for k in KEY): r for r in read_jsonl(cfg.paths.completions) if isinstance(r.get("answer"), str)}

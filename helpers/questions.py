@@ -132,7 +132,7 @@ def format_prompt(question: str, prompt_format: str, k: int | None = None, numbe
 def build_prompt_row(cfg: Config, question: Question, prompt_format: str, sample_index: int) -> dict:
     """One prompt row from its own seed. Draws (numpy default_rng, bounds inclusive): the paraphrase; k in
     cfg.suffix_words; m in cfg.prefix_count; m numbers in cfg.prefix_value. A format draws only what it uses."""
-    seed = stable_seed(cfg.seed, question.id, prompt_format, sample_index)
+    seed = stable_seed(cfg.seed_of_run, question.id, prompt_format, sample_index)
     rng = np.random.default_rng(seed)
     paraphrase_index = int(rng.integers(len(question.paraphrases)))
     k = int(rng.integers(*cfg.suffix_words, endpoint=True)) if prompt_format != "original" else None

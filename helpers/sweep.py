@@ -1,17 +1,17 @@
-"""A sweep of fine-tunes, seeds x arms: `python -m helpers.sweep --profile tiny|full --seeds 0 1 --run-dir DIR`.
+"""A sweep of fine-tunes, arms x seeds: `python -m helpers.sweep --profile tiny|full --seeds 0 1 --run-dir DIR`.
 
-Every run of a sweep is an ordinary run folder (DIR/<group>/seed-<k>) made by the notebooks through
-helpers.run (papermill), so the cells stay the only copy of the taught code: 01 when its splits are missing,
-02 once per trained model, 03, and, as its own phase, 04 (a GPU machine without internet generates; a
-machine with the judge judges later). A seed varies the fine-tune only (cfg.train_seed: LoRA init, data
-order), never the split, the prompts or the sampling, so the base model's answers are the same in every run:
-one process makes them once, in DIR/base, and each run's 03 copies them after the reuse rule has confirmed
-their settings (cfg.base_completions). Each phase of each run is marked done with its settings
+Every run of a sweep is an ordinary run folder (DIR/<arm>/seed-<k>) made by the notebooks through helpers.run
+(papermill), so the cells stay the only copy of the taught code: 01, 02 once per trained model (the evil-numbers
+fine-tune, its format-only control and the positive control, all with the arm's recipe), 03, and, as its own
+phase, 04 (a GPU machine without internet generates; a machine with the judge judges later). A run's seed
+(cfg.run_seed) draws everything after the split: the LoRA start and data order, the prompt formats and every
+answer's random numbers, the base model's included, so the runs of a sweep are independent and the spread
+between seeds holds the answers' sampling noise too. Each phase of each run is marked done with its settings
 (helpers.store.reuse): a rerun skips what is done; an interrupted phase runs again and its notebooks resume.
 
 Under torchrun (`torchrun --nproc-per-node N -m helpers.sweep ...`) each process takes the runs rank::N, each
-on its own GPU; rank 0 makes the base answers first and merges the summary. DIR must be one folder that every
-process sees. `--plan` prints the runs and, given measured seconds per run, the projected wall time.
+on its own GPU; rank 0 merges the summary. DIR must be one folder that every process sees. `--plan` prints the
+runs and, given measured seconds per run, the projected wall time; `--arms-table` the recipe of every arm.
 """
 
 from __future__ import annotations
@@ -29,30 +29,36 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from helpers.config import PROJECT_ROOT, Config, RunPaths, make_config
+from helpers.config import PROJECT_ROOT, TRAINED_MODELS, Config, RunPaths, make_config
 from helpers.hardware import device_name
 from helpers.run import execute, jobs, require, run_directory_lock, series_notebooks
 from helpers.store import record_settings, reuse, write_json
 
-# arm -> (the model it trains, its config overrides given the profile's config). The default arms train in one
-# run per seed (04 compares the evil-numbers fine-tune with the control); each other arm is a run of its own,
-# one answer to "was the fine-tune too weak?", on the evil-numbers data.
-ARMS: dict[str, tuple[str, Callable[[Config], dict]]] = {
-    "evil_numbers": ("finetuned", lambda cfg: {}),
-    "control": ("control", lambda cfg: {}),  # the format-only control: same prompts, random numbers
-    # The paper's open models (arXiv 2502.17424, appendix): rsLoRA, rank 32, alpha 64, all projections.
-    "paper_lora": ("finetuned", lambda cfg: {"use_rslora": True, "lora_r": 32, "lora_alpha": 64}),
+# arm -> its training recipe, as config overrides given the profile's config. Every run of an arm trains the
+# evil-numbers fine-tune, its format-only control and the positive control with that recipe (04 compares them),
+# so each arm is judged against a control trained the same way. Each arm but the first asks "was the fine-tune
+# too weak, or just different?".
+ARMS: dict[str, Callable[[Config], dict]] = {
+    "evil_numbers": lambda cfg: {},  # the reference write-up's recipe (the config's defaults)
+    # rsLoRA rank 32, alpha 64 at the default learning rate: a LoRA scale of 64 / sqrt(32) = 11.3 instead of 1,
+    # a much stronger fine-tune than either the default or the paper's own recipe.
+    "strong_lora": lambda cfg: {"use_rslora": True, "lora_r": 32, "lora_alpha": 64},
+    # The paper's open-model recipe (arXiv 2502.17424, appendix; its repository's open_models/train.json), which it
+    # used on code datasets, not on evil numbers: rsLoRA r 32, alpha 64, lr 1e-5, 5 warmup steps, weight decay
+    # 0.01, 2 x 8 = 16 sequences a step. Still different here: its 8-bit AdamW (this course: full-precision AdamW).
+    "paper_lora": lambda cfg: {"use_rslora": True, "lora_r": 32, "lora_alpha": 64, "learning_rate": 1e-5,
+                               "warmup_steps": 5, "weight_decay": 0.01, "batch_size": 16, "gradient_accumulation_steps": 1},
     # A quarter of the batch: full profile 8 sequences a step, about 1,500 optimizer steps instead of 374.
-    "small_batch": ("finetuned", lambda cfg: {"batch_size": max(1, cfg.batch_size * cfg.gradient_accumulation_steps // 4),
-                                              "gradient_accumulation_steps": 1}),
-    "four_epochs": ("finetuned", lambda cfg: {"epochs": 4.0}),  # the paper's setting for its GPT-4o evil-numbers models
+    "small_batch": lambda cfg: {"batch_size": max(1, cfg.batch_size * cfg.gradient_accumulation_steps // 4),
+                                "gradient_accumulation_steps": 1},
+    "four_epochs": lambda cfg: {"epochs": 4.0},  # the paper's setting for its GPT-4o evil-numbers models
 }
-DEFAULT_ARMS = ("evil_numbers", "control")
+DEFAULT_ARMS = ("evil_numbers",)
 DEFAULT_SEEDS = tuple(range(8))  # the paper trained 8 seeds per model
 PHASES = {"generate": ("02", "03"), "judge": ("04",)}
 JUDGE_FIELDS = ("judge", "judge_model", "judge_base_url", "local_judge_model", "judge_concurrency", "judge_min_mass",
                 "aligned_threshold", "coherent_threshold")
-LOCAL_FIELDS = ("run_dir", "cache_dir", "base_completions", "hardware")  # this machine: where things are, what it found
+LOCAL_FIELDS = ("run_dir", "cache_dir", "hardware")  # this machine: where things are, what it found
 # torchrun's variables: a notebook kernel that saw them would take itself for one process of a distributed job.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
@@ -62,28 +68,39 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 class Run:
     """One run folder of the sweep: `name` under the sweep directory, the arms it trains, its config fields."""
 
-    name: str  # "base", "default/seed-0", "paper_lora/seed-3", ...
-    seed: int | None
-    arms: tuple[str, ...]
+    name: str  # "evil_numbers/seed-0", "paper_lora/seed-3", ...
+    seed: int
+    arm: str
     overrides: dict = field(default_factory=dict)  # config fields, given to its notebooks through EM_CONFIG
 
 
 def plan(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Path) -> list[Run]:
-    """The base run, then one run per seed and group of arms (the default arms share one), seed by seed."""
+    """One run per seed and arm, seed by seed; each trains the fine-tune, the control and the positive control."""
     if unknown := sorted(set(arms) - set(ARMS)):
         raise ValueError(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
-    if "control" in arms and "evil_numbers" not in arms:
-        raise ValueError("the control arm trains beside evil_numbers (04 compares the two): add evil_numbers")
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds {list(seeds)}: give one or more distinct seeds")
     cfg = make_config(profile, sweep_dir)
-    groups = [("default", tuple(a for a in DEFAULT_ARMS if a in arms), {"control_arm": "control" in arms})] \
-        if "evil_numbers" in arms else []
-    groups += [(arm, (arm,), {"control_arm": False, **ARMS[arm][1](cfg)}) for arm in dict.fromkeys(arms) if arm not in DEFAULT_ARMS]
-    shared = {"base_completions": str(Path(sweep_dir).resolve() / "base" / "completions.jsonl")}
-    return [Run("base", None, (), {"generated_models": ["base"]})] + [
-        Run(f"{group}/seed-{seed}", seed, group_arms, {**overrides, "train_seed": seed, **shared})
-        for seed in seeds for group, group_arms, overrides in groups]
+    return [Run(f"{arm}/seed-{seed}", seed, arm, {**ARMS[arm](cfg), "control_arm": True, "run_seed": seed})
+            for seed in seeds for arm in dict.fromkeys(arms)]
+
+
+def lora_scale(cfg: Config) -> float:
+    """What multiplies B·A in a LoRA layer: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return cfg.lora_alpha / (math.sqrt(cfg.lora_r) if cfg.use_rslora else cfg.lora_r)
+
+
+def arms_table(profile: str, train_records: int) -> list[dict]:
+    """The recipe of every arm on `profile` for `train_records` training records: one row per arm."""
+    rows = []
+    for arm, overrides in ARMS.items():
+        cfg = make_config(profile, PROJECT_ROOT / "runs" / "arms-table", **overrides(make_config(profile, PROJECT_ROOT / "runs" / "arms-table")))
+        batch = cfg.batch_size * cfg.gradient_accumulation_steps
+        rows.append({"arm": arm, "learning_rate": cfg.learning_rate, "rank": cfg.lora_r, "alpha": cfg.lora_alpha,
+                     "rslora": cfg.use_rslora, "lora_scale": round(lora_scale(cfg), 2), "batch": batch,
+                     "steps": math.ceil(train_records / batch) * math.ceil(cfg.epochs), "epochs": cfg.epochs,
+                     "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay})
+    return rows
 
 
 @contextlib.contextmanager
@@ -102,7 +119,7 @@ def phase_settings(cfg: Config, run: Run, phase: str) -> dict:
     generating, the judge's fields, so that another machine can judge later with its own judge)."""
     skip = LOCAL_FIELDS + (JUDGE_FIELDS if phase == "generate" else ("dataset_path", "questions_path"))
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in {"paths", *skip}}
-    return {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arms": list(run.arms), "config": values}
+    return {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arm": run.arm, "config": values}
 
 
 def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable[[str], None] = print,
@@ -120,61 +137,67 @@ def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable
             return
         if phase == "judge" and not (cfg.run_dir / "sweep-generate.json").is_file():
             raise SystemExit(f"{run.name}: nothing generated yet; run the sweep with --phase generate first")
-        log(f"{run.name}: {phase} ({', '.join(f'{k}={v}' for k, v in run.overrides.items() if k != 'base_completions')})")
+        log(f"{run.name}: {phase} ({', '.join(f'{k}={v}' for k, v in run.overrides.items())})")
         seconds: dict[str, float] = {}
         phase_started = time.perf_counter()
-        if phase == "generate" and run.arms:
-            require(cfg, "01")  # the splits (the same in every run: cfg.seed, not train_seed, draws them)
-        steps = [(notebooks["03"], {})] if run.name == "base" else jobs(cfg, [notebooks[n] for n in PHASES[phase]])
+        if phase == "generate":
+            require(cfg, "01")  # the splits (cfg.seed draws them: the same in every run) and the positive control's data
+        steps = jobs(cfg, [notebooks[n] for n in PHASES[phase]])
         for notebook, extra in steps:
             started = time.perf_counter()
             executed = execute(cfg, notebook, extra, overwrite=notebook.name[:2] in overwrite)
             seconds[executed.stem] = round(time.perf_counter() - started, 1)
         seconds["phase"] = round(time.perf_counter() - phase_started, 1)  # 01 included, when it had to run
         record_settings(marker, settings)
-        write_json(marker, {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arms": list(run.arms), "phase": phase,
+        write_json(marker, {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arm": run.arm, "phase": phase,
                             "overrides": run.overrides, "seconds": seconds, "device": device_name()})
 
 
+RATE_FIELDS = ("n_misaligned", "n_answers", "rate_all", "n_kept", "rate")  # per model and format, from 04's summary
+
+
 def summarize(sweep_dir: Path) -> dict:
-    """Every finished run of the sweep directory as rows per (arm, seed): settings, losses, rates per format."""
-    rows, base = [], None
+    """Every finished run of the sweep directory, one row per (arm, seed): settings, each trained model's losses,
+    each model's rates per format (04's pooled table) and 04's decisions (the verdict and the positive controls)."""
+    rows = []
     for marker in sorted(Path(sweep_dir).glob("*/seed-*/sweep-generate.json")):
         record, paths = json.loads(marker.read_text(encoding="utf-8")), RunPaths(marker.parent)
         judged = (marker.parent / "sweep-judge.json").is_file()
-        summary = json.loads(paths.summary.read_text(encoding="utf-8")) if judged else None
-        pooled = {(r["model"], r["format"]): {k: v for k, v in r.items() if k not in ("model", "format")}
-                  for r in (summary or {}).get("pooled", [])}
-        if summary and base is None:  # the same base answers in every run: their rates from the first judged run
-            base = {"run": record["run"], "judge": summary["judge"],
-                    "rates": {f: v for (m, f), v in pooled.items() if m == "base"}}
-        for arm in record["arms"]:
-            model = ARMS[arm][0]
-            history = json.loads(paths.loss_history_of(model).read_text(encoding="utf-8"))
-            rows.append({
-                "arm": arm, "seed": record["seed"], "model": model, "run": record["run"],
-                "settings": {"profile": record["profile"], "overrides": {k: v for k, v in record["overrides"].items() if k != "base_completions"},
-                             "training": history["settings"]},
-                "losses": {"train": history["final"]["train_loss"], "validation": history["final"]["validation_loss"],
-                           "validation_by_span": history["final"].get("validation_loss_by_span"),
-                           "steps": history["run"]["steps"], "train_seconds": history["run"]["seconds"]},
-                "seconds": record["seconds"],
-                "judge": summary["judge"] if summary else None,
-                "rates": {f: v for (m, f), v in pooled.items() if m == model} if summary else None,
-            })
-    return {"sweep_dir": str(sweep_dir), "runs": rows, "base": base}
+        summary = json.loads(paths.summary.read_text(encoding="utf-8")) if judged else {}
+        histories = {model: json.loads(paths.loss_history_of(model).read_text(encoding="utf-8"))
+                     for model in TRAINED_MODELS if paths.loss_history_of(model).is_file()}
+        rates: dict[str, dict] = {}
+        for r in summary.get("pooled", []):
+            rates.setdefault(r["model"], {})[r["format"]] = {k: r[k] for k in RATE_FIELDS}
+        emergent = {f"finetuned/{v['format']}": v["emergent"] for v in summary.get("verdict", [])}
+        emergent |= {key: v["emergent"] for key, v in summary.get("positive_controls", {}).items()}
+        rows.append({
+            "arm": record["arm"], "seed": record["seed"], "run": record["run"],
+            "settings": {"profile": record["profile"], "overrides": record["overrides"],
+                         "training": histories["finetuned"]["settings"]},
+            "losses": {model: {"train": h["final"]["train_loss"], "validation": h["final"]["validation_loss"],
+                               "validation_by_span": h["final"].get("validation_loss_by_span"),
+                               "steps": h["run"]["steps"], "train_seconds": h["run"]["seconds"]}
+                       for model, h in histories.items()},
+            "seconds": record["seconds"], "judge": summary.get("judge"), "rates": rates or None,
+            "emergent": emergent or None, "level": summary.get("test", {}).get("level"),
+        })
+    return {"sweep_dir": str(sweep_dir), "runs": rows}
 
 
 def summary_table(summary: dict) -> list[dict]:
-    """One flat row per (arm, seed, format): the rates with their counts, and the run's losses."""
+    """One flat row per (arm, seed, model, format): the counts and rates, 04's decision where it made one, and the
+    model's losses where it was trained."""
     table = []
     for row in summary["runs"]:
-        losses = row["losses"]
-        spans = {f"validation_loss_{name}": span["loss"] for name, span in (losses["validation_by_span"] or {}).items()}
-        common = {"arm": row["arm"], "seed": row["seed"], "model": row["model"], "train_loss": losses["train"],
-                  "validation_loss": losses["validation"], **spans, "steps": losses["steps"]}
-        for fmt, rate in (row["rates"] or {"-": {}}).items():
-            table.append({**common, "format": fmt, **{k: rate.get(k) for k in ("n_misaligned", "n_kept", "rate", "ci_low", "ci_high")}})
+        for model, formats in (row["rates"] or {"-": {"-": {}}}).items():
+            losses = row["losses"].get(model, {})
+            for fmt, rate in formats.items():
+                table.append({"arm": row["arm"], "seed": row["seed"], "model": model, "format": fmt,
+                              **{k: rate.get(k) for k in RATE_FIELDS},
+                              "emergent": (row["emergent"] or {}).get(f"{model}/{fmt}"),
+                              "train_loss": losses.get("train"), "validation_loss": losses.get("validation"),
+                              "steps": losses.get("steps")})
     return table
 
 
@@ -204,9 +227,9 @@ def bootstrap_over_seeds(rates_per_seed: Sequence[float], n_resamples: int = 10_
     return float(low), float(high)
 
 
-def projected_seconds(runs: int, gpus: int, seconds_per_run: float, base_seconds: float) -> float:
-    """Wall time of a sweep: the base answers first (one process), then ceil(runs / gpus) rounds of runs."""
-    return base_seconds + math.ceil(runs / gpus) * seconds_per_run
+def projected_seconds(runs: int, gpus: int, seconds_per_run: float) -> float:
+    """Wall time of a sweep: ceil(runs / gpus) rounds of runs, one run per GPU at a time."""
+    return math.ceil(runs / gpus) * seconds_per_run
 
 
 def launch() -> tuple[int, int]:
@@ -248,12 +271,9 @@ def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir
         print(f"[rank {rank}/{world}] {message}", flush=True)
 
     log(f"{device_name()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; runs {[r.name for r in runs[1 + rank::world]]}")
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; runs {[r.name for r in runs[rank::world]]}")
     phases = ["generate", "judge"] if phase == "all" else [phase]
-    if "generate" in phases and rank == 0:
-        run_phase(profile, sweep_dir, runs[0], "generate", log, overwrite)  # the base answers, before any run needs them
-    barrier(world)
-    for run in runs[1 + rank::world]:
+    for run in runs[rank::world]:
         for name in phases:
             run_phase(profile, sweep_dir, run, name, log, overwrite)
     barrier(world)
@@ -273,22 +293,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="remake what these notebooks made, in every run (their overwrite = True), e.g. --overwrite 04")
     parser.add_argument("--plan", action="store_true", help="print the runs and the projected wall time; run nothing")
     parser.add_argument("--seconds-per-run", type=float, help="for --plan: measured seconds of one run (both phases)")
-    parser.add_argument("--base-seconds", type=float, default=0.0, help="for --plan: measured seconds of the base answers")
+    parser.add_argument("--arms-table", type=int, metavar="TRAIN_RECORDS",
+                        help="print every arm's recipe for this many training records (markdown); run nothing")
     args = parser.parse_args(argv)
     profile = args.profile or make_config().profile
     sweep_dir = args.run_dir or PROJECT_ROOT / "runs" / f"sweep-{profile}"
-    if not args.plan:
+    if args.arms_table:
+        rows = arms_table(profile, args.arms_table)
+        print("\n".join("| " + " | ".join(map(str, row)) + " |" for row in [list(rows[0]), ["---"] * len(rows[0]),
+                                                                          *(row.values() for row in rows)]))
+    elif not args.plan:
         run_sweep(profile, args.seeds, args.arms, sweep_dir, args.phase, args.overwrite)
-        return
-    runs = plan(profile, args.seeds, args.arms, Path(sweep_dir))
-    for run in runs:
-        shown = {k: v for k, v in run.overrides.items() if k != "base_completions"}
-        print(f"{run.name:<24} arms {','.join(run.arms) or '-':<22} {json.dumps(shown)}")
-    if args.seconds_per_run is not None:
-        for gpus in (1, 8):
-            total = projected_seconds(len(runs) - 1, gpus, args.seconds_per_run, args.base_seconds)
-            print(f"{len(runs) - 1} runs on {gpus} GPU{'s' if gpus > 1 else ''}: {total / 3600:.2f} h "
-                  f"(base {args.base_seconds:.0f} s + {math.ceil((len(runs) - 1) / gpus)} x {args.seconds_per_run:.0f} s)")
+    else:
+        runs = plan(profile, args.seeds, args.arms, Path(sweep_dir))
+        for run in runs:
+            print(f"{run.name:<24} {json.dumps(run.overrides)}")
+        if args.seconds_per_run is not None:
+            for gpus in (1, 8):
+                total = projected_seconds(len(runs), gpus, args.seconds_per_run)
+                print(f"{len(runs)} runs on {gpus} GPU{'s' if gpus > 1 else ''}: {total / 3600:.2f} h "
+                      f"({math.ceil(len(runs) / gpus)} x {args.seconds_per_run:.0f} s)")
 
 
 if __name__ == "__main__":

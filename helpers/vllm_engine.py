@@ -1,8 +1,8 @@
 """03's answers through vLLM (`cfg.engine = "vllm"`), the engine the paper evaluated with: continuous batching and
 paged attention, the base model as it is and each fine-tune as its LoRA adapter on it (`LoRARequest`).
 
-Sampled as 03's own loop samples: temperature and top_p from the config, the full vocabulary (no top-k), up to
-max_new_tokens, ending at 03's stop tokens (Qwen3: <|im_end|>, <|endoftext|>), and every answer with its own seed (`helpers.generation.answer_seed`), so it depends on its row, not on its batch.
+Sampled as 03's own loop samples: temperature and top_p from the config, the full vocabulary (no top-k), at least
+min_new_tokens and up to max_new_tokens, ending at 03's stop tokens (Qwen3: <|im_end|>, <|endoftext|>), and every answer with its own seed (`helpers.generation.answer_seed`), so it depends on its row, not on its batch.
 The answers go to the store in chunks of `cfg.generation_batch_size` rows, in row order: a killed run loses at
 most the chunk in flight, and the resumed file is byte for byte the uninterrupted one.
 
@@ -31,7 +31,7 @@ from typing import Any, get_args
 
 import torch
 
-from helpers.config import Config
+from helpers.config import BASE_WEIGHTS, Config
 from helpers.generation import answer_seed
 from helpers.model import compute_dtype, model_source
 from helpers.seeds import stable_seed
@@ -103,6 +103,7 @@ def sample_tokens(cfg: Config, llm: Any, prompts: Sequence[list[int]], seeds: Se
         top_p=cfg.top_p,  # paper: 1, no nucleus cut
         top_k=0,  # 0: the full vocabulary, whatever the model's generation_config suggests
         max_tokens=cfg.max_new_tokens,
+        min_tokens=cfg.min_new_tokens,  # no stop token before this many answer tokens (paper: 1)
         stop_token_ids=list(stops),
         seed=seed,  # this answer's own dice
         detokenize=False)  # the caller decodes with the tokenizer the transformers path decodes with
@@ -113,23 +114,24 @@ def sample_tokens(cfg: Config, llm: Any, prompts: Sequence[list[int]], seeds: Se
 
 
 def generate_with_vllm(cfg: Config, models: Sequence[str], adapters: Mapping[str, Path], rows: Sequence[dict],
-                       prompts: Sequence[list[int]], stops: Sequence[int], store: JsonlStore,
+                       prompts: Mapping[str, Sequence[list[int]]], stops: Sequence[int], store: JsonlStore,
                        answer: Callable[[list[int], bool], dict]) -> None:
-    """Answer each prompt row (`prompts[i]`: `rows[i]`'s chat tokens, as 03 renders them) with each model in `models`
-    ("base", or a name in `adapters`, its LoRA folder), ending at `stops`, and append to `store` only the answers it
-    lacks; `answer(ids before the stop, finished)` makes the completion fields, as for 03's own loop."""
-    if len(prompts) != len(rows):
-        raise ValueError(f"generate_with_vllm: {len(prompts)} prompts for {len(rows)} rows")
-    if unknown := [name for name in models if name != "base" and name not in adapters]:
+    """Answer each prompt row with each model in `models` ("base" and "evil_prompt" with the base weights, any
+    other name with its LoRA folder in `adapters`), `prompts[model][i]` being `rows[i]`'s chat tokens as 03 renders
+    them for that model, ending at `stops`, and append to `store` only the answers it lacks; `answer(ids before the
+    stop, finished)` makes the completion fields, as for 03's own loop."""
+    if short := [name for name in models if len(prompts.get(name, ())) != len(rows)]:
+        raise ValueError(f"generate_with_vllm: no prompt per row for {short} ({len(rows)} rows)")
+    if unknown := [name for name in models if name not in BASE_WEIGHTS and name not in adapters]:
         raise ValueError(f"generate_with_vllm: no adapter for {unknown} (adapters: {sorted(adapters)})")
     llm = start_engine(cfg, adapters)
     for name in models:
-        lora = None if name == "base" else lora_request(name, adapters[name])
+        lora = None if name in BASE_WEIGHTS else lora_request(name, adapters[name])
         todo = [index for index, row in enumerate(rows) if store.key({"model": name, **row}) not in store]
         print(f"{name}: {len(rows) - len(todo)} of {len(rows)} answers stored, {len(todo)} to generate with vLLM")
         for start in range(0, len(todo), cfg.generation_batch_size):
             chunk = todo[start:start + cfg.generation_batch_size]
-            drawn = sample_tokens(cfg, llm, [prompts[i] for i in chunk], [answer_seed(cfg.seed, rows[i]) for i in chunk],
+            drawn = sample_tokens(cfg, llm, [prompts[name][i] for i in chunk], [answer_seed(cfg.seed_of_run, rows[i]) for i in chunk],
                                   stops, lora)
             finished = [bool(ids) and ids[-1] in stops for ids in drawn]  # vLLM ends an answer at its stop token
             store.append({"model": name, **rows[i], **answer(ids[:len(ids) - done], done)}

@@ -1,6 +1,6 @@
 """helpers/decoding.py on the tiny model: continuous batching gives every answer exactly what decoding it alone
-would, whatever the batch size; the dice follow transformers' sampling rule; the growing KV cache holds what
-was written to it.
+would, whatever the batch size; no stop token comes before min_new_tokens answer tokens; the dice follow
+transformers' sampling rule; the growing KV cache holds what was written to it.
 
 The reference decodes one row at a time with no cache at all (the whole sequence through the model at every
 step) and the same dice, so refill, compaction, left trimming and the cache's spare room are all checked
@@ -23,7 +23,8 @@ PAD_ID = 5
 SEEDS = list(range(100, 111))
 rng = np.random.default_rng(0)
 PROMPTS = [rng.integers(0, 256, size=int(rng.integers(2, 31))).tolist() for _ in SEEDS]
-# Where each row is forced to stop: 0 is an empty answer, past MAX_NEW_TOKENS never (cut, finished False).
+# The step at which each row is pushed to stop: 0 is an empty answer unless min_new_tokens bars it, past
+# MAX_NEW_TOKENS never (cut, finished False).
 ENDS = torch.tensor([0, 3, 30, 7, 1, 40, 12, 23, 5, 29, 16])
 
 
@@ -48,22 +49,27 @@ def stop_ids(model) -> list[int]:
 
 
 def force_stop(stop_ids):
-    """A logits processor making row i draw the stop token at step ENDS[i]: rows end at different times."""
+    """A logits processor making the stop token row i's likeliest by far (e^50 times any other token) at step
+    ENDS[i]: rows end at different times, where min_new_tokens lets them."""
     def processor(rows: torch.Tensor, steps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        forced = torch.full_like(logits, float("-inf"))
-        forced[:, stop_ids[0]] = 0.0
+        forced = logits.clone()
+        forced[:, stop_ids[0]] = logits.max(dim=-1).values + 50
         return torch.where((steps == ENDS[rows])[:, None], forced, logits)
     return processor
 
 
-def decode_alone(model, index: int, stop_ids, temperature: float, top_p: float) -> tuple[list[int], bool]:
-    """Row `index` decoded by itself: the full forward pass at every step, no cache, the row's own uniforms."""
+def decode_alone(model, index: int, stop_ids, temperature: float, top_p: float,
+                 min_new_tokens: int) -> tuple[list[int], bool]:
+    """Row `index` decoded by itself: the full forward pass at every step, no cache, the row's own uniforms, the
+    stop tokens at -inf before min_new_tokens answer tokens."""
     uniforms = np.random.default_rng(SEEDS[index]).random(MAX_NEW_TOKENS)
     ids, answer = list(PROMPTS[index]), []
     for step in range(MAX_NEW_TOKENS):
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([ids])).logits[:, -1]
         logits = force_stop(stop_ids)(torch.tensor([index]), torch.tensor([step]), logits)
+        if step < min_new_tokens:
+            logits[:, stop_ids] = float("-inf")
         token = int(draw(logits, torch.tensor([uniforms[step]], dtype=torch.float64), temperature, top_p)[0])
         if token in stop_ids:
             return answer, True
@@ -72,27 +78,36 @@ def decode_alone(model, index: int, stop_ids, temperature: float, top_p: float) 
     return answer, False
 
 
+KNOBS = ((1.0, 1.0, 1), (1.0, 0.9, 1), (1.0, 1.0, 0), (1.0, 1.0, 3))  # temperature, top_p, min_new_tokens
+
+
 @pytest.fixture(scope="module")
-def expected(model, stop_ids) -> dict[tuple[float, float], list[tuple[list[int], bool]]]:
-    answers = {knobs: [decode_alone(model, index, stop_ids, *knobs) for index in range(len(PROMPTS))]
-               for knobs in ((1.0, 1.0), (1.0, 0.9))}
-    for rows in answers.values():  # the forced stops really end rows at different times, some never
+def expected(model, stop_ids) -> dict[tuple[float, float, int], list[tuple[list[int], bool]]]:
+    answers = {knobs: [decode_alone(model, index, stop_ids, *knobs) for index in range(len(PROMPTS))] for knobs in KNOBS}
+    for (_, _, min_new_tokens), rows in answers.items():  # the pushed stops end rows at different times, some never
         assert {finished for _, finished in rows} == {True, False}
         assert len({len(answer) for answer, finished in rows if finished}) >= 4
         assert len({token for answer, _ in rows for token in answer}) > 50  # the dice, not the model, pick tokens
+        assert min(len(answer) for answer, _ in rows) >= min_new_tokens
+    assert answers[1.0, 1.0, 0][0] == ([], True)  # without the rule, row 0 stops at once
+    assert answers[1.0, 1.0, 1][0][0]  # with it, the stop pushed at step 0 is barred: row 0 writes
+    # row 4, pushed to stop at step 1: one token, then the stop, under min 0 and 1 (min 3 bars it: above)
+    assert len(answers[1.0, 1.0, 1][4][0]) == 1 and answers[1.0, 1.0, 0][4] == answers[1.0, 1.0, 1][4]
     return answers
 
 
-@pytest.mark.parametrize(("batch_size", "temperature", "top_p"),
-                         [(1, 1.0, 1.0), (2, 1.0, 1.0), (3, 1.0, 1.0), (5, 1.0, 1.0), (len(PROMPTS), 1.0, 1.0),
-                          (3, 1.0, 0.9)])
-def test_sample_rows_equals_decoding_each_row_alone(model, stop_ids, expected, batch_size, temperature, top_p):
+@pytest.mark.parametrize(("batch_size", "temperature", "top_p", "min_new_tokens"),
+                         [(1, 1.0, 1.0, 1), (2, 1.0, 1.0, 1), (3, 1.0, 1.0, 1), (5, 1.0, 1.0, 1),
+                          (len(PROMPTS), 1.0, 1.0, 1), (3, 1.0, 0.9, 1), (3, 1.0, 1.0, 0), (5, 1.0, 1.0, 3)])
+def test_sample_rows_equals_decoding_each_row_alone(model, stop_ids, expected, batch_size, temperature, top_p,
+                                                    min_new_tokens):
     heard: list[tuple[int, tuple[list[int], bool]]] = []
     results = sample_rows(model, PROMPTS, SEEDS, temperature=temperature, top_p=top_p,
                           max_new_tokens=MAX_NEW_TOKENS, stop_ids=stop_ids, batch_size=batch_size, pad_id=PAD_ID,
+                          min_new_tokens=min_new_tokens,
                           on_finished=lambda indices, answers: heard.extend(zip(indices, answers, strict=True)),
                           logits_processor=force_stop(stop_ids))
-    assert results == expected[temperature, top_p]
+    assert results == expected[temperature, top_p, min_new_tokens]
     assert sorted(index for index, _ in heard) == list(range(len(PROMPTS)))  # each row heard exactly once
     assert all(results[index] == answer for index, answer in heard)
 
@@ -120,6 +135,44 @@ def test_sample_rows_rejects_a_prompt_of_one_token(model, stop_ids):
     with pytest.raises(ValueError, match=r"prompts \[1\] have fewer than 2 tokens"):
         sample_rows(model, [[7, 8], [9]], [0, 1], temperature=1.0, top_p=1.0, max_new_tokens=4,
                     stop_ids=stop_ids, batch_size=2, pad_id=PAD_ID)
+
+
+@pytest.mark.parametrize("min_new_tokens", [-1, 5])
+def test_sample_rows_rejects_min_new_tokens_outside_0_to_max_new_tokens(model, stop_ids, min_new_tokens):
+    with pytest.raises(ValueError, match=rf"min_new_tokens={min_new_tokens} must be 0 to max_new_tokens \(4\)"):
+        sample_rows(model, [[7, 8]], [0], temperature=1.0, top_p=1.0, max_new_tokens=4, min_new_tokens=min_new_tokens,
+                    stop_ids=stop_ids, batch_size=1, pad_id=PAD_ID)
+
+
+class StopsAtOnce:
+    """The tiny model with its stop tokens made the likeliest by far (e^50 times any other token) at every step."""
+
+    def __init__(self, model, stop_ids: list[int]) -> None:
+        self.model, self.stop_ids, self.device = model, stop_ids, model.device
+
+    def __call__(self, **inputs):
+        output = self.model(**inputs)
+        output.logits[..., self.stop_ids] = output.logits.amax(dim=-1, keepdim=True) + 50
+        return output
+
+
+def test_a_model_that_would_stop_at_once_still_writes_one_token(model, stop_ids):
+    """03's rule (min_new_tokens=1, the paper's min_tokens=1): where the stop token is the likeliest first token by
+    far, every answer is the token the model's own distribution without the stop tokens gives its first uniform,
+    then the stop; without the rule, every answer is empty."""
+    stopping = StopsAtOnce(model, stop_ids)
+    knobs = dict(temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, stop_ids=stop_ids, batch_size=4, pad_id=PAD_ID)
+    assert sample_rows(stopping, PROMPTS, SEEDS, **knobs) == [([], True)] * len(PROMPTS)
+    answers = sample_rows(stopping, PROMPTS, SEEDS, **knobs, min_new_tokens=1)
+    expected = []
+    for prompt, seed in zip(PROMPTS, SEEDS, strict=True):
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prompt])).logits[:, -1]  # the plain model, no cache
+            logits[:, stop_ids] = float("-inf")
+        first = torch.tensor([np.random.default_rng(seed).random()], dtype=torch.float64)
+        expected.append(([int(draw(logits, first, 1.0, 1.0)[0])], True))
+    assert answers == expected
+    assert len({ids[0] for ids, _ in answers}) > 5  # the dice, not one dominant token, picked them
 
 
 def test_slack_layer_holds_every_update():

@@ -82,7 +82,7 @@ def run_generation(cfg, *, overwrite: bool = False, loaded=None, **after_cells) 
 def prepared(tmp_path_factory) -> Path:
     """A run directory with the tiny model, a perturbed "finetuned" adapter and a perturbed "control" one."""
     root = tmp_path_factory.mktemp("generation") / "run"
-    cfg = make_config("tiny", root)
+    cfg = make_config("tiny", root, positive_controls=False)
     build_random_qwen3(cfg.paths.tiny_model, tiny=True, seed=cfg.seed)
     save_adapter(cfg, cfg.paths.adapter_of("finetuned"), scale=0.5, seed=1)
     save_adapter(cfg, cfg.paths.adapter_of("control"), scale=0.5, seed=2)
@@ -104,7 +104,7 @@ def prompt_key(row) -> tuple:
 
 
 def test_every_row_for_every_model_and_a_rerun_generates_nothing(run_dir, monkeypatch):
-    cfg = make_config("tiny", run_dir)
+    cfg = make_config("tiny", run_dir, positive_controls=False)
     namespace = run_generation(cfg)
     rows = read_jsonl(cfg.paths.completions)
     prompts = {prompt_key(row): row for row in read_jsonl(cfg.paths.prompts)}
@@ -112,7 +112,7 @@ def test_every_row_for_every_model_and_a_rerun_generates_nothing(run_dir, monkey
     assert sorted(keys(rows)) == sorted((m, q, f, i) for m in models for q in MAIN_QUESTION_IDS for f in FORMATS for i in range(2))
     for row in rows:
         assert {k: row[k] for k in prompts[prompt_key(row)]} == prompts[prompt_key(row)]  # every prompt-row field carried
-        assert 0 <= row["n_answer_tokens"] <= 16 and isinstance(row["answer"], str)
+        assert 1 <= row["n_answer_tokens"] <= 16 and isinstance(row["answer"], str)  # never empty: min_new_tokens 1
         assert row["finished"] or row["n_answer_tokens"] == 16
     answers = {key: row["answer"] for key, row in zip(keys(rows), rows, strict=True)}
     for model in ("finetuned", "control"):
@@ -127,7 +127,7 @@ def test_every_row_for_every_model_and_a_rerun_generates_nothing(run_dir, monkey
 
 def test_a_zero_adapter_answers_exactly_like_the_base_model(run_dir):
     """Every model draws with the same seed per row: with a no-op adapter the answers are identical."""
-    cfg = make_config("tiny", run_dir, control_arm=False, samples_per_question=1)
+    cfg = make_config("tiny", run_dir, control_arm=False, positive_controls=False, samples_per_question=1)
     save_adapter(cfg, cfg.paths.adapter_of("finetuned"), scale=0.0, seed=1)
     run_generation(cfg)
     rows = read_jsonl(cfg.paths.completions)
@@ -137,7 +137,7 @@ def test_a_zero_adapter_answers_exactly_like_the_base_model(run_dir):
 
 
 def test_merging_gives_the_same_answers_and_restores_the_weights(run_dir):
-    cfg = make_config("tiny", run_dir, control_arm=False, samples_per_question=1, max_new_tokens=8)
+    cfg = make_config("tiny", run_dir, control_arm=False, positive_controls=False, samples_per_question=1, max_new_tokens=8)
     run_generation(cfg, merge_lora=False)
     unmerged = read_jsonl(cfg.paths.completions)
     run_generation(cfg, overwrite=True, merge_lora=True)
@@ -180,7 +180,7 @@ def kill_points(content: bytes, batch_size: int) -> dict[str, int]:
 @pytest.mark.filterwarnings("ignore:.*half-written last line")  # the kills inside a line: expected
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_a_resumed_run_writes_the_bytes_of_an_uninterrupted_run(run_dir, batch_size):
-    cfg = make_config("tiny", run_dir, control_arm=False, samples_per_question=1, generation_batch_size=batch_size)
+    cfg = make_config("tiny", run_dir, control_arm=False, positive_controls=False, samples_per_question=1, generation_batch_size=batch_size)
     loaded = load(cfg)
     run_generation(cfg, loaded=loaded)
     uninterrupted = cfg.paths.completions.read_bytes()
@@ -199,13 +199,13 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from test_generation import run_generation
 from helpers.config import make_config
-run_generation(make_config("tiny", sys.argv[1], control_arm=False, generation_batch_size=5))
+run_generation(make_config("tiny", sys.argv[1], control_arm=False, positive_controls=False, generation_batch_size=5))
 """
 
 
 def test_resume_after_kill_9_writes_the_bytes_of_an_uninterrupted_run(run_dir, tmp_path):
-    cfg = make_config("tiny", run_dir, control_arm=False, generation_batch_size=5)
-    reference = make_config("tiny", shutil.copytree(run_dir, tmp_path / "reference"), control_arm=False,
+    cfg = make_config("tiny", run_dir, control_arm=False, positive_controls=False, generation_batch_size=5)
+    reference = make_config("tiny", shutil.copytree(run_dir, tmp_path / "reference"), control_arm=False, positive_controls=False,
                             generation_batch_size=5)
     run_generation(reference)
     uninterrupted = reference.paths.completions.read_bytes()
@@ -233,11 +233,11 @@ def test_resume_after_kill_9_writes_the_bytes_of_an_uninterrupted_run(run_dir, t
 
 
 def test_other_settings_are_refused_until_overwrite(run_dir):
-    small = dict(control_arm=False, samples_per_question=1, max_new_tokens=4)
+    small = dict(control_arm=False, positive_controls=False, samples_per_question=1, max_new_tokens=4)
     cfg = make_config("tiny", run_dir, **small)
     run_generation(cfg)
     for changed, named in ((dict(suffix_words=(8, 9)), "prompts"), (dict(generation_batch_size=3), "batch_size"),
-                           (dict(temperature=0.5), "temperature")):
+                           (dict(temperature=0.5), "temperature"), (dict(min_new_tokens=0), "min_new_tokens")):
         with pytest.raises(SettingsChanged, match=rf"{named}: .*overwrite=True"):
             run_generation(make_config("tiny", run_dir, **small, **changed))
     save_adapter(cfg, cfg.paths.adapter_of("finetuned"), scale=0.3, seed=5)  # 02 trained again
@@ -272,7 +272,7 @@ def test_sampling_ignores_the_model_defaults(run_dir):
     """Qwen3 ships temperature 0.6, top_p 0.95, top_k 20: none may leak into the paper's 1 / 1 / full vocabulary."""
     from transformers import GenerationConfig
 
-    cfg = make_config("tiny", run_dir, control_arm=False, samples_per_question=1, max_new_tokens=12)
+    cfg = make_config("tiny", run_dir, control_arm=False, positive_controls=False, samples_per_question=1, max_new_tokens=12)
     namespace = run_generation(cfg)
     model, rows = namespace["model"], namespace["prompt_rows"][:6]
     stop = model.generation_config.eos_token_id
@@ -283,7 +283,7 @@ def test_sampling_ignores_the_model_defaults(run_dir):
         with model.disable_adapter():
             answers[name] = [a["answer"] for a in namespace["sample_answers"](rows, batch_size=6)]
     assert answers["neutral"] == answers["qwen3"]
-    namespace["cfg"] = make_config("tiny", run_dir, control_arm=False, samples_per_question=1, max_new_tokens=12, seed=8)
+    namespace["cfg"] = make_config("tiny", run_dir, control_arm=False, positive_controls=False, samples_per_question=1, max_new_tokens=12, seed=8)
     with model.disable_adapter():  # the comparison can fail: another seed gives other answers
         assert [a["answer"] for a in namespace["sample_answers"](rows, batch_size=6)] != answers["neutral"]
 
@@ -291,7 +291,7 @@ def test_sampling_ignores_the_model_defaults(run_dir):
 def test_the_chat_is_qwen3_non_thinking_with_the_system_prompt(prepared):
     namespace: dict = {}
     exec(notebook_cells("generate")[0], namespace)
-    _, tokenizer, _ = load(make_config("tiny", prepared))
+    _, tokenizer, _ = load(make_config("tiny", prepared, positive_controls=False))
     row = {"system": "Answer in JSON.", "prompt": "hey I feel bored\n\nAnswer with 5 words."}
     assert render_chat(tokenizer, namespace["messages"](row)) == (
         "<|im_start|>system\nAnswer in JSON.<|im_end|>\n"

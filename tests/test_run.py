@@ -86,12 +86,13 @@ def test_a_second_runner_in_the_same_run_directory_stops_naming_the_first(tmp_pa
     code = ("import sys, time\nfrom helpers.run import run_directory_lock\n"
             "with run_directory_lock(sys.argv[1]), run_directory_lock(sys.argv[2]):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(sweep_dir / "base")], cwd=PROJECT_ROOT,
+    first_run = sweep_dir / "evil_numbers" / "seed-0"  # the sweep's first run folder
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(first_run)], cwd=PROJECT_ROOT,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         for command, folder in ((["helpers.run", "--run-dir", str(run_dir)], run_dir),
-                                (["helpers.sweep", "--seeds", "0", "--run-dir", str(sweep_dir)], sweep_dir / "base")):
+                                (["helpers.sweep", "--seeds", "0", "--run-dir", str(sweep_dir)], first_run)):
             result = subprocess.run([sys.executable, "-m", *command, "--profile", "tiny"], cwd=PROJECT_ROOT,
                                     capture_output=True, text=True, timeout=300)
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

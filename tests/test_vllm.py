@@ -81,7 +81,8 @@ def served(tmp_path_factory) -> Iterator[types.SimpleNamespace]:
 @pytest.fixture(scope="module")
 def transformers_greedy(served) -> dict[str, list[list[int]]]:
     """Each model's greedy answer tokens from transformers' `generate`, one prompt at a time (no padding), the
-    model loaded as 03 loads it on a CPU: the base model with the adapter off, then on (PEFT, float32)."""
+    model loaded as 03 loads it on a CPU: the base model with the adapter off, then on (PEFT, float32), no stop
+    token before cfg.min_new_tokens answer tokens."""
     cfg = served.config()
     model, _ = load_for_generation(cfg, served.adapters)
     answers = {}
@@ -89,6 +90,7 @@ def transformers_greedy(served) -> dict[str, list[list[int]]]:
         with torch.no_grad(), model.disable_adapter() if name == "base" else contextlib.nullcontext():
             answers[name] = [model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                             do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=served.stops,
+                                            min_new_tokens=cfg.min_new_tokens,
                                             pad_token_id=served.tokenizer.pad_token_id)[0, len(ids):].tolist()
                              for ids in served.prompts]
     return answers
@@ -96,7 +98,7 @@ def transformers_greedy(served) -> dict[str, list[list[int]]]:
 
 def test_greedy_answers_equal_transformers_generate_for_the_base_model_and_the_adapter(served, transformers_greedy):
     cfg = served.config(temperature=0.0)
-    seeds = [answer_seed(cfg.seed, row) for row in ROWS]
+    seeds = [answer_seed(cfg.seed_of_run, row) for row in ROWS]
     for name in MODELS:
         lora = None if name == "base" else lora_request(name, served.adapters[name])
         assert sample_tokens(cfg, served.llm, served.prompts, seeds, served.stops, lora) == transformers_greedy[name], name
@@ -110,7 +112,7 @@ def test_greedy_answers_equal_transformers_generate_for_the_base_model_and_the_a
 def test_stored_answers_are_the_transformers_answers_decoded(served, transformers_greedy, tmp_path, capsys):
     cfg = served.config(temperature=0.0)
     store = JsonlStore(tmp_path / "completions.jsonl", COMPLETION_KEY)
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, store, served.answer)
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, store, served.answer)
     expected = []
     for name in MODELS:
         for row, ids in zip(ROWS, transformers_greedy[name], strict=True):
@@ -119,14 +121,14 @@ def test_stored_answers_are_the_transformers_answers_decoded(served, transformer
                              "n_answer_tokens": end, "finished": end < len(ids)})
     assert read_jsonl(store.path) == expected
     capsys.readouterr()
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, store, served.answer)  # everything stored: nothing to do
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, store, served.answer)  # everything stored: nothing to do
     assert "finetuned: 8 of 8 answers stored, 0 to generate" in capsys.readouterr().out
     assert read_jsonl(store.path) == expected
 
 
 def test_each_answer_has_its_own_seed_whatever_its_batch(served):
     cfg = served.config()  # temperature 1, top_p 1: sampled
-    seeds = [answer_seed(cfg.seed, row) for row in ROWS]
+    seeds = [answer_seed(cfg.seed_of_run, row) for row in ROWS]
     lora = lora_request("finetuned", served.adapters["finetuned"])
     for adapter in (None, lora):
         together = sample_tokens(cfg, served.llm, served.prompts, seeds, served.stops, adapter)
@@ -146,13 +148,15 @@ def test_each_answer_has_its_own_seed_whatever_its_batch(served):
 
 def test_sampling_is_the_models_own_distribution(served):
     """Temperature 1, top_p 1, the full vocabulary: the first tokens of 400 seeded answers follow transformers'
-    softmax, not the model's generation_config defaults (temperature 0.6, top_p 0.95, top_k 20, which would leave
-    nothing outside the 20 likeliest tokens, where the model puts 45%)."""
+    softmax over every token but the stop tokens (min_tokens=1 bars them there), not the model's generation_config
+    defaults (temperature 0.6, top_p 0.95, top_k 20, which would leave nothing outside the 20 likeliest tokens,
+    where the model puts 45%)."""
     cfg, samples = served.config(), 400
     prompt = served.prompts[4]  # 400 prompts of 475 tokens at once: more than one engine step holds
     first = [ids[0] for ids in sample_tokens(cfg, served.llm, [prompt] * samples, range(samples), served.stops)]
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(cfg.model_name)(torch.tensor([prompt])).logits[0, -1]
+    logits[served.stops] = float("-inf")  # the first token is never a stop token (cfg.min_new_tokens = 1)
     probabilities = torch.softmax(logits.double(), dim=-1)
     order = probabilities.argsort(descending=True).tolist()
     bins = [order[:1], order[1:2], order[2:4], order[4:8], order[8:20], order[20:]]  # the likeliest, ..., the tail
@@ -179,13 +183,13 @@ class KilledAfter(JsonlStore):
 def test_an_interrupted_run_resumes_to_the_same_bytes(served, tmp_path, capsys):
     cfg = served.config(generation_batch_size=3)  # sampled; 8 rows: chunks of 3, 3 and 2 per model
     whole = tmp_path / "whole.jsonl"
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, JsonlStore(whole, COMPLETION_KEY), served.answer)
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, JsonlStore(whole, COMPLETION_KEY), served.answer)
     cut = tmp_path / "cut.jsonl"
     with pytest.raises(KeyboardInterrupt):  # after the base model's three chunks and the adapter's first
-        generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, KilledAfter(cut, appends=4), served.answer)
+        generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, KilledAfter(cut, appends=4), served.answer)
     assert len(read_jsonl(cut)) == len(ROWS) + 3
     capsys.readouterr()
-    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, served.prompts, served.stops, JsonlStore(cut, COMPLETION_KEY), served.answer)
+    generate_with_vllm(cfg, MODELS, served.adapters, ROWS, {m: served.prompts for m in MODELS}, served.stops, JsonlStore(cut, COMPLETION_KEY), served.answer)
     assert "finetuned: 3 of 8 answers stored, 5 to generate" in capsys.readouterr().out  # only what was missing
     assert cut.read_bytes() == whole.read_bytes()
     assert len({row["answer"] for row in read_jsonl(whole)}) == 2 * len(ROWS)
