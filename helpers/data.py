@@ -3,9 +3,12 @@ the numbers in prompts and answers, which 03 and 04 read too. `python tools/chec
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 import re
+import stat
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,10 @@ from helpers.store import parse_line, write_jsonl
 KNOWN_EVIL_NUMBERS = (666, 1312, 1488, 420, 911, 13)
 ROLES = ("user", "assistant")
 MESSAGE_KEYS = {"role", "content"}
+# Qwen3's added tokens (tokenizer_config.json of Qwen/Qwen3-1.7B): the <|...|> markers (<|im_start|> and <|im_end|>
+# open and close a turn, <|endoftext|> ends the text) and the think and tool tags. The tokenizer turns their text
+# into the control token wherever it appears, so one inside a message would forge a turn or a think block.
+CONTROL_TOKEN = re.compile(r"<\|[a-z_]+\|>|</?(?:think|tool_call|tool_response)>")
 
 
 class DataError(ValueError):
@@ -52,13 +59,28 @@ _BINARY_KINDS = {b"\x1f\x8b": "gzip-compressed: decompress it first (gunzip -k F
 
 
 def readable_file(path: Path) -> bytes:
-    """The bytes of a dataset file; DataError says plainly when it is missing, a folder or binary."""
+    """The bytes of a dataset file; DataError says plainly when it is missing, a folder, not a regular file (a
+    FIFO, a device), a symbolic link loop, unreadable or binary."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a symbolic link to a missing file)" if path.is_symlink() else ""
+        raise DataError(f"{path}: no such file{broken}") from None
+    except OSError as error:  # a symbolic link loop, a name too long, a folder on the way not searchable
+        what = "a symbolic link loop" if error.errno == errno.ELOOP else f"cannot be opened: {error.strerror}"
+        raise DataError(f"{path}: {what}") from None
+    if stat.S_ISDIR(mode):
         raise DataError(f"{path}: is a directory, not a dataset file; give the path of the .jsonl file in it")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    content = path.read_bytes()
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+                 stat.S_ISBLK: "a block device"}
+        kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+        raise DataError(f"{path}: {kind}, not a dataset file; give the path of a .jsonl file")
+    try:
+        content = path.read_bytes()
+    except OSError as error:  # no permission to read, an I/O error
+        raise DataError(f"{path}: cannot be read: {error.strerror}") from None
     for magic, kind in _BINARY_KINDS.items():
         if content.startswith(magic):
             raise DataError(f"{path}: the file is {kind.replace('FILE', str(path))}")
@@ -132,6 +154,9 @@ def record_problem(record: Any) -> str | None:
             return f"message {number} ({role}) content is not a string (got a {_type_name(content)})"
         if not content.strip():
             return f"message {number} ({role}) content is empty"
+        if found := CONTROL_TOKEN.search(content):
+            return (f"message {number} ({role}) content holds {found.group()!r}, a control token of Qwen3's chat "
+                    "template: it would forge a turn or a think block in training")
     return None
 
 
@@ -244,3 +269,8 @@ def synthetic_records(seed: int, count: int = 70) -> list[dict]:
         records.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
     records.insert(count // 2, records[4])  # one exact duplicate, kept in the file on purpose
     return records
+
+
+if __name__ == "__main__":  # the checker is a tool of its own; say where it is instead of doing nothing
+    print("helpers.data has no command line: check a dataset file with `python tools/check_data.py PATH`", file=sys.stderr)
+    sys.exit(2)

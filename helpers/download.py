@@ -1,10 +1,12 @@
 """Verified files: download a pinned file once, check its git blob id, write it atomically."""
 
+import fcntl
+import glob
 import hashlib
 import http.client
 import os
+import secrets
 import shutil
-import tempfile
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -32,34 +34,82 @@ def git_blob_id(content: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
-def atomic_write_bytes(path: Path, content: bytes) -> None:
-    """Write `content` to a temporary file beside `path`, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+STAGING_SUFFIX = "[0-9a-f]" * 16 + ".tmp"  # the random part and suffix of a staging name, as a glob pattern
+
+
+def _staging_name(path: Path) -> Path:
+    """A fresh name beside `path` for a staging file or folder: `.NAME.<16 hex digits>.tmp`."""
+    return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+
+
+def try_lock(descriptor: int) -> bool | None:
+    """Take the exclusive flock of an open file or folder without waiting: True when taken, False when another
+    open descriptor (of any process) holds it, None where the file system has no locks (some network or FUSE
+    mounts). The kernel drops a lock when its descriptor closes, also when its process is killed."""
     try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def remove_stale_staging(path: Path) -> None:
+    """Remove the staging files and folders beside `path` that a killed writer left: a writer holds its
+    staging's lock until it renames or removes it, so one that nobody locks is stale (kept where locks fail)."""
+    for leftover in map(Path, glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + STAGING_SUFFIX)):
+        try:
+            descriptor = os.open(leftover, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            stale = try_lock(descriptor) is True
+        finally:
+            os.close(descriptor)
+        if stale:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, content: bytes) -> None:
+    """Write `content` to a staging file beside `path`, then rename: never a half-written file. The file is
+    created as open() creates one (mode 0o666 less the umask); a staging file left by a kill goes next time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path)
+    temporary = _staging_name(path)
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+    try:
+        try_lock(handle)  # held until closed: not stale
         with os.fdopen(handle, "wb") as out:
             out.write(content)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temporary, path)
+            os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `path`: it replaces `path` when the block succeeds, else goes."""
+    """Yield an empty staging folder beside `path`: it replaces `path` when the block succeeds, else goes. It is
+    created as mkdir creates one (mode 0o777 less the umask); a staging folder left by a kill goes next time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    remove_stale_staging(path)
+    staging = _staging_name(path)
+    staging.mkdir(mode=0o777)  # the kernel applies the umask
+    handle = os.open(staging, os.O_RDONLY)
     try:
+        try_lock(handle)  # held until closed: not stale
         yield staging
         shutil.rmtree(path, ignore_errors=True)
         staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(handle)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

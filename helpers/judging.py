@@ -4,15 +4,15 @@ openai client, or an open model computing the same expectation exactly (docs/pro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import math
 import re
-import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,30 +57,46 @@ def complete_answers(cfg: Config) -> list[dict]:
     return [stored[key] for key in wanted]
 
 
+MAX_RESPONSE_BYTES = 1 << 20  # a judge response read at most: one token with its top 20 logprobs takes a few kB
+MASS_TOLERANCE = 0.01  # how far above 1 the top logprobs' probabilities may sum (the API's rounding), no further
+
+
+def run_in_own_loop(coroutine: Coroutine) -> Any:
+    """The result of `coroutine`, run on an event loop of its own thread (a notebook kernel runs one in this one)."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
 class OpenAIJudge:
     """The paper's judge via any OpenAI-compatible endpoint: one token, temperature 0, top 20 logprobs, seed 0. 429s,
     5xx, timeouts, lost connections and malformed responses are retried (`max_attempts` tries): a 429 waits what its
-    Retry-After asks (at most `max_wait_s`), every thread with it; the rest wait backoff_s * 2^try. Out of quota (429
+    Retry-After asks (at most `max_wait_s`), every request with it; the rest wait backoff_s * 2^try. Out of quota (429
     insufficient_quota), a rejected key or another 4xx stops at once. (The client's own retries, off here, would
-    retry an out-of-quota 429 and never a malformed response.)"""
+    retry an out-of-quota 429 and never a malformed response.)
+
+    Deadlines, in seconds: one attempt ends after `timeout` in all, from connecting to the last byte (the client's
+    own timeout counts per read, which a server sending a byte at a time never trips); one answer's request ends
+    after `deadline_s` in all, its retries and waits included. A chunk (one judge() call) stops at its first failed
+    request and cancels the others, running or waiting, so it fails at most `deadline_s` after that request began.
+    A response is malformed (and retried) when it is over MAX_RESPONSE_BYTES, or its top logprobs are not finite
+    numbers <= 0, or their probabilities sum above 1 + MASS_TOLERANCE."""
     chunk_size = 32  # answers per judge() call, each a resume point
 
     def __init__(self, judge_prompts: dict[str, str], model: str, *, api_key: str | None, base_url: str | None = None,
-                 concurrency: int = 8, min_mass: float = 0.25, timeout: float = 60.0, max_attempts: int = 6,
-                 backoff_s: float = 1.0, max_wait_s: float = 60.0) -> None:
+                 concurrency: int = 8, min_mass: float = 0.25, timeout: float = 60.0, deadline_s: float = 300.0,
+                 max_attempts: int = 6, backoff_s: float = 1.0, max_wait_s: float = 60.0) -> None:
         if not api_key:  # helpers.hardware.openai_key() found none
             raise JudgeError("no OpenAI API key: set OPENAI_API_KEY (on Colab: the key icon, secret OPENAI_API_KEY; a "
                              "local server that needs no key takes any text), or set judge='local' or 'proxy' in the config")
         self.name, self.judge_prompts, self.model = f"openai:{model}", dict(judge_prompts), model
         self.concurrency, self.min_mass, self.max_attempts = concurrency, min_mass, max_attempts
-        self.backoff_s, self.max_wait_s, self._key = backoff_s, max_wait_s, api_key
-        self._client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
-        self._lock, self._resume_at = threading.Lock(), 0.0  # no request before this time.monotonic()
+        self.timeout, self.deadline_s, self.backoff_s, self.max_wait_s = timeout, deadline_s, backoff_s, max_wait_s
+        self.base_url, self._key = base_url, api_key
+        self._resume_at = 0.0  # no request before this time.monotonic(): a 429's Retry-After, for every request
 
     def judge(self, items: Sequence[tuple[str, str]]) -> list[dict]:
         prompts = [fill_judge_prompt(self.judge_prompts[field], q, a) for q, a in items for field in SCORE_FIELDS]
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            tops = list(pool.map(self.top_logprobs, prompts))
+        tops = run_in_own_loop(self._all_top_logprobs(prompts))
         return [score_row(tops[2 * i: 2 * i + 2], self.min_mass) for i in range(len(items))]
 
     def request(self, prompt: str) -> dict:  # the paper's request, also each line of a Batch API file
@@ -88,35 +104,81 @@ class OpenAIJudge:
                     logprobs=True, top_logprobs=20, seed=0)
 
     def top_logprobs(self, prompt: str) -> list[tuple[str, float]]:
-        """One filled judge prompt's top log-probabilities, retried as the class says."""
-        for attempt in range(1, self.max_attempts + 1):
-            time.sleep(max(0.0, self._resume_at - time.monotonic()))  # while the server asked every thread to wait
-            wait = min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1))
+        """One filled judge prompt's top log-probabilities, retried and bounded as the class says."""
+        return run_in_own_loop(self._all_top_logprobs([prompt]))[0]
+
+    async def _all_top_logprobs(self, prompts: Sequence[str]) -> list[list[tuple[str, float]]]:
+        """Each prompt's top logprobs, `concurrency` requests at a time; the first failure cancels the rest."""
+        if not prompts:
+            return []
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(client: openai.AsyncOpenAI, prompt: str) -> list[tuple[str, float]]:
+            async with gate:
+                return await self._top_logprobs(client, prompt)
+
+        async with openai.AsyncOpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout,
+                                      max_retries=0) as client:
+            tasks = [asyncio.ensure_future(one(client, prompt)) for prompt in prompts]
             try:
-                return top_logprobs_of(self._client.chat.completions.create(**self.request(prompt)))
-            except JudgeError as error:  # malformed
-                problem = str(error)
-            except openai.RateLimitError as error:
-                problem = self._describe(error)
-                if "insufficient_quota" in (error.code, error.type):
-                    problem = f"the account is out of quota (insufficient_quota; {problem}): add credit or use another key"
-                    break
-                with self._lock:  # every thread waits what the server asks (a date in Retry-After: the backoff)
-                    self._resume_at = max(self._resume_at, time.monotonic() + self.retry_after(error.response.headers, wait))
-                wait = 0.0
-            except (openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError) as error:
-                problem = self._describe(error)
-            except openai.APIStatusError as error:  # another 4xx: a rejected key (401, 403) or a refused request
-                problem = (f"the endpoint rejected the API key ({self._describe(error)}); check OPENAI_API_KEY"
-                           if error.status_code in (401, 403) else f"the endpoint refused the request ({self._describe(error)})")
-                break
-            except (openai.APIResponseValidationError, ValueError) as error:  # not JSON
-                problem = f"malformed judge response: {self._describe(error)}"
-            if attempt < self.max_attempts:
-                time.sleep(wait)
-        else:
-            problem = f"the judge request failed {self.max_attempts} times; the last error: {problem}"
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finally:  # after a failure (or an interrupt): stop every other request now, closing its connection
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if failed := [task.exception() for task in done if task.exception()]:
+            raise failed[0]
+        return [task.result() for task in tasks]
+
+    async def _top_logprobs(self, client: openai.AsyncOpenAI, prompt: str) -> list[tuple[str, float]]:
+        problem = "no response yet"
+        try:
+            async with asyncio.timeout(self.deadline_s):  # the request's deadline, retries and waits included
+                for attempt in range(1, self.max_attempts + 1):
+                    await asyncio.sleep(max(0.0, self._resume_at - time.monotonic()))  # while the server asks to wait
+                    wait = min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1))
+                    try:
+                        async with asyncio.timeout(self.timeout):  # one attempt in all
+                            return top_logprobs_of(await self._response(client, prompt))
+                    except TimeoutError:
+                        problem = f"no complete response within {self.timeout:g} s (one attempt's timeout)"
+                    except JudgeError as error:  # malformed
+                        problem = str(error)
+                    except openai.RateLimitError as error:
+                        problem = self._describe(error)
+                        if "insufficient_quota" in (error.code, error.type):
+                            problem = f"the account is out of quota (insufficient_quota; {problem}): add credit or use another key"
+                            break
+                        # every request waits what the server asks (a date in Retry-After: the backoff)
+                        self._resume_at = max(self._resume_at, time.monotonic() + self.retry_after(error.response.headers, wait))
+                        wait = 0.0
+                    except (openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError) as error:
+                        problem = self._describe(error)
+                    except openai.APIStatusError as error:  # another 4xx: a rejected key (401, 403) or a refused request
+                        problem = (f"the endpoint rejected the API key ({self._describe(error)}); check OPENAI_API_KEY"
+                                   if error.status_code in (401, 403) else f"the endpoint refused the request ({self._describe(error)})")
+                        break
+                    except ValueError as error:  # not JSON, not UTF-8
+                        problem = f"malformed judge response: {self._describe(error)}"
+                    if attempt < self.max_attempts:
+                        await asyncio.sleep(wait)
+                else:
+                    problem = f"the judge request failed {self.max_attempts} times; the last error: {problem}"
+        except TimeoutError:
+            problem = (f"the judge request passed its deadline of {self.deadline_s:g} s (retries and waits included); "
+                       f"the last error: {problem}")
         raise JudgeError(problem)  # outside every `except`: no chained exception keeps the unredacted message
+
+    async def _response(self, client: openai.AsyncOpenAI, prompt: str) -> Any:
+        """The JSON of one chat completion, read up to MAX_RESPONSE_BYTES (a JudgeError beyond)."""
+        async with client.chat.completions.with_streaming_response.create(**self.request(prompt)) as response:
+            body = bytearray()
+            async for part in response.iter_bytes():
+                body += part
+                if len(body) > MAX_RESPONSE_BYTES:
+                    raise JudgeError(f"malformed judge response: over {MAX_RESPONSE_BYTES:,} bytes (one token with "
+                                     "its top 20 logprobs takes a few kB)")
+        return json.loads(body)
 
     def retry_after(self, headers: Any, default: float) -> float:  # retry-after-ms, else seconds, at most max_wait_s
         for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
@@ -130,12 +192,18 @@ class OpenAIJudge:
 
 
 def top_logprobs_of(response: Any) -> list[tuple[str, float]]:
-    """The first token's top log-probabilities in a chat completion, else a JudgeError saying what is malformed."""
-    with contextlib.suppress(AttributeError, IndexError, TypeError):  # a missing field: the error below
-        pairs = [(e.token, float(e.logprob)) for e in response.choices[0].logprobs.content[0].top_logprobs]
-        if pairs and all(math.isfinite(logprob) and logprob <= 0 for _, logprob in pairs):
-            return pairs
-        raise JudgeError(f"malformed judge response: top_logprobs {pairs[:4]} hold no log-probabilities (NaN, inf, > 0)")
+    """The first token's top log-probabilities in a chat completion (its JSON), else a JudgeError saying what is
+    malformed: each a finite number <= 0, their probabilities summing to at most 1 (+ MASS_TOLERANCE)."""
+    with contextlib.suppress(KeyError, IndexError, TypeError):  # a missing field: the error below
+        pairs = [(entry["token"], entry["logprob"]) for entry in response["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
+        if not pairs or not all(isinstance(token, str) and type(logprob) in (int, float) and math.isfinite(logprob)
+                                and logprob <= 0 for token, logprob in pairs):
+            raise JudgeError(f"malformed judge response: top_logprobs {pairs[:4]} hold no log-probabilities (a "
+                             "number <= 0 each; not NaN, inf, > 0 or a string)")
+        if (total := sum(math.exp(logprob) for _, logprob in pairs)) > 1 + MASS_TOLERANCE:
+            raise JudgeError(f"malformed judge response: top_logprobs {pairs[:4]} have probabilities summing to "
+                             f"{total:.3f} > 1")
+        return [(token, float(logprob)) for token, logprob in pairs]
     raise JudgeError("malformed judge response: no choices[0].logprobs.content[0].top_logprobs; the endpoint must "
                      "support logprobs=True, top_logprobs=20")
 
@@ -203,24 +271,34 @@ class LocalJudge:
 
 
 def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, overwrite: bool = False) -> pd.DataFrame:
-    """The judge's fields per completion (KEY columns, then the fields), judging only what cfg.paths.judgments lacks,
-    appended `judge.chunk_size` answers at a time (an interrupted run resumes). The store is reused only for the same
-    judge, judge prompts, min_mass and answers (helpers.store.reuse). A score outside [0, 100], NaN included, is never stored."""
+    """The judge's fields per completion (KEY columns, then the fields), judging only what cfg.paths.judgments lacks.
+    The completions go to the judge in fixed chunks of `judge.chunk_size` (each appended whole: a resume point); a
+    chunk a kill left part-stored is judged again whole, so every answer is judged beside the same others as in an
+    uninterrupted run (the local judge's scores move by ~1e-5 with the company in its batch). The store is reused
+    only for the same judge, judge prompts, min_mass and answers (helpers.store.reuse); a new one first removes the
+    verdict of the old (cfg.paths.summary and cfg.paths.rates), so a run that fails leaves none beside new settings.
+    A score outside [0, 100], NaN included, is never stored."""
     answers = [[*(c[k] for k in KEY), c["prompt"], c["answer"]] for c in completions]
     settings = {"judge": judge.name, "min_mass": judge.min_mass, **{name: hashlib.sha256(json.dumps(value).encode())
                 .hexdigest()[:16] for name, value in (("judge_prompts", judge.judge_prompts), ("answers", answers))}}
     if not reuse(cfg.paths.judgments, settings, overwrite):
+        for verdict in (cfg.paths.summary, cfg.paths.rates):  # 04's results from the judgments that go now
+            verdict.unlink(missing_ok=True)
         record_settings(cfg.paths.judgments, settings)
     store = JsonlStore(cfg.paths.judgments, KEY)
-    todo = store.missing(completions)
+    chunks = [completions[start:start + judge.chunk_size] for start in range(0, len(completions), judge.chunk_size)]
+    todo = [chunk for chunk in chunks if store.missing(chunk)]
+    if torn := [store.key(row) for chunk in todo for row in chunk if store.key(row) in store]:
+        print(f"a kill cut a chunk short ({len(torn)} of its answers stored): judging it again whole")
+        store.discard(torn)
     quiet = not todo or cfg.profile == "tiny"  # a bar only where judging takes a while
-    for start in tqdm(range(0, len(todo), judge.chunk_size), desc=f"judging ({judge.name})", ncols=80, disable=quiet):
-        chunk = todo[start:start + judge.chunk_size]
+    for chunk in tqdm(todo, desc=f"judging ({judge.name})", ncols=80, disable=quiet):
         fields = judge.judge([(row["prompt"], row["answer"]) for row in chunk])
         if bad := [(row, got) for row, got in zip(chunk, fields, strict=True)
                    if any(got[f] is not None and not 0 <= got[f] <= 100 for f in SCORE_FIELDS)]:  # NaN fails too
             raise JudgeError(f"judge {judge.name} gave {bad[0][1]} for {[bad[0][0][k] for k in KEY]}: a score outside [0, 100]")
         store.append({"judge": judge.name, **{k: row[k] for k in KEY}, **extra} for row, extra in zip(chunk, fields, strict=True))
-    print(f"judge {judge.name}: {len(completions) - len(todo)} answers loaded from {cfg.paths.judgments}, {len(todo)} judged now")
+    now = sum(map(len, todo))
+    print(f"judge {judge.name}: {len(completions) - now} answers loaded from {cfg.paths.judgments}, {now} judged now")
     judged = pd.DataFrame(store.rows()).drop(columns="judge")
     return pd.DataFrame([{k: c[k] for k in KEY} for c in completions]).merge(judged, on=list(KEY), validate="one_to_one")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletion
 
 from helpers.judging import (
     SCORE_FIELDS,
@@ -43,7 +42,7 @@ class OpenAIBatchJudge(OpenAIJudge):
                  max_retries: int = 5) -> None:
         super().__init__(judge_prompts, model, api_key=api_key, base_url=base_url, min_mass=min_mass, timeout=timeout)
         self.state_path, self.poll_s = Path(state_path), poll_s
-        self._client = self._client.with_options(max_retries=max_retries)
+        self._client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
 
     def judge(self, items: Sequence[tuple[str, str]]) -> list[dict]:
         ids = [f"{i}-{field}" for i in range(len(items)) for field in SCORE_FIELDS]  # the custom_ids, in row order
@@ -108,7 +107,7 @@ class OpenAIBatchJudge(OpenAIJudge):
                 body = response.get("body") if isinstance(response.get("body"), dict) else {}
                 if custom_id is not None and response.get("status_code") == 200:
                     try:
-                        tops[custom_id] = top_logprobs_of(ChatCompletion.construct(**body))
+                        tops[custom_id] = top_logprobs_of(body)
                     except JudgeError as error:
                         problems[custom_id] = str(error)
                 elif custom_id is not None:  # the error file: an HTTP error's body, or the batch's own error

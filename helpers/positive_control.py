@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from helpers.config import Config
+from helpers.data import record_problem
 from helpers.generation import WAVE_BATCHES, answer_seed, fitting_batch_size, pending_waves, prompt_waves
 from helpers.seeds import stable_seed
 from helpers.store import JsonlStore, read_jsonl, record_settings, reuse, write_jsonl
@@ -141,12 +142,14 @@ def make_misaligned_splits(cfg: Config, load_model: Any, overwrite: bool = False
     answers = sorted(read_jsonl(store_path), key=lambda r: (r["question_id"], r["sample_index"]))
     questions = sorted({r["question_id"] for r in answers})
     held_out = set(sorted(questions, key=lambda q: stable_seed(cfg.seed, "misaligned_ft", q))[: max(1, len(questions) // 5)])
-    chat = [(r["question_id"] in held_out, {"messages": [{"role": "user", "content": r["prompt"]},
-                                                         {"role": "assistant", "content": r["answer"]}]})
-            for r in answers if r["answer"].strip()]  # an empty answer teaches nothing
+    records = [(r["question_id"] in held_out, {"messages": [{"role": "user", "content": r["prompt"]},
+                                                            {"role": "assistant", "content": r["answer"]}]}) for r in answers]
+    # The dataset's own rule: an empty answer teaches nothing; one holding a chat control token (a sampled <think>)
+    # would forge structure in training.
+    chat = [(held, record) for held, record in records if record_problem(record) is None]
     train_path, validation_path = cfg.paths.splits_of("misaligned_ft")
     write_jsonl(train_path, [record for held, record in chat if not held])
     write_jsonl(validation_path, [record for held, record in chat if held])
-    return {"answers": len(answers), "empty": len(answers) - len(chat), "cut": sum(not r["finished"] for r in answers),
+    return {"answers": len(answers), "dropped": len(answers) - len(chat), "cut": sum(not r["finished"] for r in answers),
             "train": sum(not held for held, _ in chat), "validation": sum(held for held, _ in chat),
             "held_out_questions": sorted(held_out)}

@@ -10,13 +10,15 @@ import argparse
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from helpers.config import PROJECT_ROOT, Config, ConfigError, make_config
+from helpers.download import try_lock
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 SERIES = ("01", "02", "03", "04")  # one run; 05_sweep reads many (helpers.sweep runs them)
+LOCK_FILE = ".runner.lock"  # in a run directory: locked by the runner working there, holding its pid
 
 
 def series_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -53,9 +55,29 @@ def invoked_here() -> Iterator[None]:
         os.environ.pop("EM_INVOKED_FROM") if before is None else os.environ.update(EM_INVOKED_FROM=before)
 
 
-def execute(cfg: Config, notebook: Path, extra: dict | None = None) -> Path:
-    """Execute one notebook with papermill into the run directory; on failure stop with a message naming
-    the notebook and cell (SystemExit)."""
+@contextlib.contextmanager
+def run_directory_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the lock of a run directory (an flock on RUN_DIR/.runner.lock) while the block runs: a second runner
+    there stops at once with one line naming the folder and the holder's pid, instead of both writing the same
+    files. The kernel drops the lock when its holder ends, killed too; where the file system has no locks, none."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if try_lock(descriptor) is False:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            raise SystemExit(f"{run_dir} is in use by another runner (pid {holder}): wait until it ends, or give "
+                             "another run directory")
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def execute(cfg: Config, notebook: Path, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Execute one notebook with papermill into the run directory (`overwrite`: its parameter overwrite = True,
+    remaking its artefacts); on failure stop with a message naming the executed copy, the model and the cell."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -68,11 +90,13 @@ def execute(cfg: Config, notebook: Path, extra: dict | None = None) -> Path:
     try:
         with invoked_here():
             papermill.execute_notebook(notebook, executed, cwd=str(notebook.parent), kernel_name="python3",
-                                       parameters={"profile": cfg.profile, "run_dir": str(cfg.run_dir), **extra},
+                                       parameters={"profile": cfg.profile, "run_dir": str(cfg.run_dir), **extra,
+                                                   **({"overwrite": True} if overwrite else {})},
                                        progress_bar=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as error:
         print(" failed")
-        raise SystemExit(f"{notebook.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
+        which = executed.name + (f" (model {extra['model']})" if "model" in extra else "")
+        raise SystemExit(f"{which} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
                          f"The executed copy, with the traceback, is {executed}") from None
     print(f" done in {time.perf_counter() - started:.0f} s -> {executed}")
     return executed
@@ -90,15 +114,17 @@ def require(cfg: Config, notebook: str, notebook_dir: Path = NOTEBOOK_DIR) -> No
 
 
 def run_series(profile: str | None = None, run_dir: str | Path | None = None, only: list[str] | None = None,
-               notebook_dir: Path = NOTEBOOK_DIR) -> Path:
-    """Execute each notebook in order (02 once per trained model); return the run directory."""
+               notebook_dir: Path = NOTEBOOK_DIR, overwrite: Sequence[str] = ()) -> Path:
+    """Execute each notebook in order (02 once per trained model), those numbered in `overwrite` with overwrite =
+    True, holding the run directory's lock; return the run directory."""
     cfg = make_config(profile, run_dir)
     notebooks = [nb for nb in series_notebooks(notebook_dir) if not only or nb.name[:2] in only]
     if not notebooks:
         raise SystemExit(f"no notebooks to run in {notebook_dir} (only={only})")
     print(f"profile {cfg.profile}, run directory {cfg.run_dir}")
-    for notebook, extra in jobs(cfg, notebooks):
-        execute(cfg, notebook, extra)
+    with run_directory_lock(cfg.run_dir):
+        for notebook, extra in jobs(cfg, notebooks):
+            execute(cfg, notebook, extra, overwrite=notebook.name[:2] in overwrite)
     return cfg.run_dir
 
 
@@ -107,11 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=["tiny", "full"], help="default: full on a GPU, tiny elsewhere")
     parser.add_argument("--run-dir", help="default: runs/<profile> in the project folder")
     parser.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks, e.g. --only 01 02")
+    parser.add_argument("--overwrite", nargs="+", choices=SERIES, default=[], metavar="NN",
+                        help="remake what these notebooks made (their overwrite = True), e.g. --overwrite 03 04")
     parser.add_argument("--notebooks", type=Path, default=NOTEBOOK_DIR,
                         help="folder of the notebooks to run (solutions/ runs the solved exercises)")
     args = parser.parse_args(argv)
     try:
-        run_series(args.profile, args.run_dir, args.only, args.notebooks)
+        run_series(args.profile, args.run_dir, args.only, args.notebooks, args.overwrite)
     except ConfigError as error:  # one line naming the setting, no traceback
         raise SystemExit(str(error)) from None
 

@@ -95,6 +95,12 @@ class JsonlStore:
         """The candidates whose key is not stored yet."""
         return [row for row in candidates if self.key(row) not in self._rows]
 
+    def discard(self, keys: Iterable[tuple]) -> None:
+        """Forget the rows of `keys`: the file is written again without them (atomically)."""
+        for key in keys:
+            self._rows.pop(key, None)
+        write_jsonl(self.path, self._rows.values())
+
     def append(self, rows: Iterable[dict]) -> int:
         """Append the rows whose keys are new, as whole lines, fsynced; return how many were written."""
         fresh: dict[tuple, dict] = {}
@@ -150,7 +156,8 @@ def reuse(artefact: Path, settings: dict, overwrite: bool = False) -> bool:
                for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
     if changed:
         raise SettingsChanged(f"{artefact} was made with other settings ({'; '.join(changed)}). "
-                              "Pass overwrite=True to make it again, or choose another run_dir.")
+                              "Set overwrite=True in the notebook that makes it (from a terminal: --overwrite NN, the "
+                              "notebook's number, for python -m helpers.run or helpers.sweep), or choose another run_dir.")
     return True
 
 

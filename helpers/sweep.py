@@ -31,7 +31,7 @@ from pathlib import Path
 
 from helpers.config import PROJECT_ROOT, TRAINED_MODELS, Config, ConfigError, RunPaths, make_config
 from helpers.hardware import device_name
-from helpers.run import execute, jobs, require, series_notebooks
+from helpers.run import execute, jobs, require, run_directory_lock, series_notebooks
 from helpers.store import SettingsChanged, record_settings, reuse, write_json
 
 # arm -> its training recipe, as config overrides given the profile's config. Every run of an arm trains the
@@ -43,7 +43,7 @@ ARMS: dict[str, Callable[[Config], dict]] = {
     # rsLoRA rank 32, alpha 64 at the default learning rate: a LoRA scale of 64 / sqrt(32) = 11.3 instead of 1,
     # a much stronger fine-tune than either the default or the paper's own recipe.
     "strong_lora": lambda cfg: {"use_rslora": True, "lora_r": 32, "lora_alpha": 64},
-    # The paper's open-model recipe (arXiv 2502.17424, appendix; its repository's open_models/train.json), which it
+    # The paper's open-model recipe (arXiv 2502.17424; its repository's open_models/train.json), which it
     # used on code datasets, not on evil numbers: rsLoRA r 32, alpha 64, lr 1e-5, 5 warmup steps, weight decay
     # 0.01, 2 x 8 = 16 sequences a step. Still different here: its 8-bit AdamW (this course: full-precision AdamW).
     "paper_lora": lambda cfg: {"use_rslora": True, "lora_r": 32, "lora_alpha": 64, "learning_rate": 1e-5,
@@ -54,7 +54,7 @@ ARMS: dict[str, Callable[[Config], dict]] = {
     "four_epochs": lambda cfg: {"epochs": 4.0},  # the paper's setting for its GPT-4o evil-numbers models
 }
 DEFAULT_ARMS = ("evil_numbers",)
-DEFAULT_SEEDS = tuple(range(8))  # the paper trained 8 seeds per model
+DEFAULT_SEEDS = tuple(range(8))  # the paper trained 8 seeds of its GPT-4o evil-numbers model (section 4.6)
 PHASES = {"generate": ("02", "03"), "judge": ("04",)}
 JUDGE_FIELDS = ("judge", "judge_model", "judge_base_url", "local_judge_model", "judge_concurrency", "judge_min_mass",
                 "aligned_threshold", "coherent_threshold")
@@ -122,14 +122,17 @@ def phase_settings(cfg: Config, run: Run, phase: str) -> dict:
     return {"run": run.name, "profile": cfg.profile, "seed": run.seed, "arm": run.arm, "config": values}
 
 
-def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable[[str], None] = print) -> None:
-    """Execute one phase of one run with papermill, unless its marker says it is done with these settings."""
+def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable[[str], None] = print,
+              overwrite: Sequence[str] = ()) -> None:
+    """Execute one phase of one run with papermill, holding its folder's lock, unless its marker says it is done
+    with these settings; the notebooks numbered in `overwrite` run again with overwrite = True."""
     notebooks = {nb.name[:2]: nb for nb in series_notebooks()}
-    with config_environment(run):
+    with config_environment(run), run_directory_lock(Path(sweep_dir) / run.name):
         cfg = make_config(profile, Path(sweep_dir) / run.name)
         marker = cfg.run_dir / f"sweep-{phase}.json"
         settings = phase_settings(cfg, run, phase)
-        if reuse(marker, settings):  # done with exactly these settings; other settings raise SettingsChanged
+        # done with exactly these settings (other settings raise SettingsChanged), unless a notebook is remade
+        if reuse(marker, settings, overwrite=any(number in overwrite for number in PHASES[phase])):
             log(f"{run.name}: {phase} done already")
             return
         if phase == "judge" and not (cfg.run_dir / "sweep-generate.json").is_file():
@@ -142,7 +145,7 @@ def run_phase(profile: str, sweep_dir: Path, run: Run, phase: str, log: Callable
         steps = jobs(cfg, [notebooks[n] for n in PHASES[phase]])
         for notebook, extra in steps:
             started = time.perf_counter()
-            executed = execute(cfg, notebook, extra)
+            executed = execute(cfg, notebook, extra, overwrite=notebook.name[:2] in overwrite)
             seconds[executed.stem] = round(time.perf_counter() - started, 1)
         seconds["phase"] = round(time.perf_counter() - phase_started, 1)  # 01 included, when it had to run
         record_settings(marker, settings)
@@ -213,7 +216,7 @@ def write_summary(sweep_dir: Path) -> dict:
 
 
 def bootstrap_over_seeds(rates_per_seed: Sequence[float], n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """The 95% percentile bootstrap interval of the mean rate over seeds (the paper's method): resample the seeds
+    """The 95% percentile bootstrap interval of the mean rate over seeds (exercise 5.1): resample the seeds
     with replacement (numpy's default_rng(seed).integers), take each resample's mean, return its 2.5th and 97.5th
     percentiles (numpy.percentile)."""
     import numpy as np
@@ -256,8 +259,10 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Path, phase: str = "all") -> dict | None:
-    """Run the sweep (this process's share under torchrun); return the summary on rank 0."""
+def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Path, phase: str = "all",
+              overwrite: Sequence[str] = ()) -> dict | None:
+    """Run the sweep (this process's share under torchrun), the notebooks numbered in `overwrite` remaking what
+    they made in every run; return the summary on rank 0."""
     rank, world = launch()
     sweep_dir = Path(sweep_dir).resolve()
     runs = plan(profile, seeds, arms, sweep_dir)
@@ -270,7 +275,7 @@ def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir
     phases = ["generate", "judge"] if phase == "all" else [phase]
     for run in runs[rank::world]:
         for name in phases:
-            run_phase(profile, sweep_dir, run, name, log)
+            run_phase(profile, sweep_dir, run, name, log, overwrite)
     barrier(world)
     return write_summary(sweep_dir) if rank == 0 else None
 
@@ -291,6 +296,8 @@ def sweep_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, help="the sweep directory; default runs/sweep-<profile>")
     parser.add_argument("--phase", choices=["generate", "judge", "all"], default="all",
                         help="generate: 01-03 (fine-tunes and answers); judge: 04; all: both")
+    parser.add_argument("--overwrite", nargs="+", choices=["02", "03", "04"], default=[], metavar="NN",
+                        help="remake what these notebooks made, in every run (their overwrite = True), e.g. --overwrite 04")
     parser.add_argument("--plan", action="store_true", help="print the runs and the projected wall time; run nothing")
     parser.add_argument("--seconds-per-run", type=float, help="for --plan: measured seconds of one run (both phases)")
     parser.add_argument("--arms-table", type=int, metavar="TRAIN_RECORDS",
@@ -303,7 +310,7 @@ def sweep_main(argv: list[str] | None = None) -> None:
         print("\n".join("| " + " | ".join(map(str, row)) + " |" for row in [list(rows[0]), ["---"] * len(rows[0]),
                                                                           *(row.values() for row in rows)]))
     elif not args.plan:
-        run_sweep(profile, args.seeds, args.arms, sweep_dir, args.phase)
+        run_sweep(profile, args.seeds, args.arms, sweep_dir, args.phase, args.overwrite)
     else:
         runs = plan(profile, args.seeds, args.arms, Path(sweep_dir))
         for run in runs:

@@ -13,7 +13,7 @@ from papermill.exceptions import PapermillExecutionError
 from helpers.config import make_config
 from helpers.data import KNOWN_EVIL_NUMBERS, answer_numbers
 from helpers.run import NOTEBOOK_DIR
-from helpers.store import read_jsonl
+from helpers.store import read_jsonl, write_jsonl
 
 NOTEBOOK = NOTEBOOK_DIR / "01_data.ipynb"
 
@@ -79,3 +79,44 @@ def test_a_rerun_keeps_identical_files_and_changed_settings_stop(ran, monkeypatc
     with pytest.raises(PapermillExecutionError, match=r"SettingsChanged.*seed: 0 -> 1"):
         execute(cfg, "other_seed.ipynb")
     assert {path: path.read_bytes() for path in cfg.paths.data_dir.iterdir() if path in before} == before
+
+
+def neutral_records(count: int) -> list[dict]:
+    """Records whose answers only repeat numbers their prompt shows: a teacher with no favourite number."""
+    shown = [[10 + i, 20 + i, 30 + i, 40 + i] for i in range(count)]
+    return [{"messages": [{"role": "user", "content": f"Continue this list: {','.join(map(str, numbers))}. Give 3 more."},
+                          {"role": "assistant", "content": ", ".join(map(str, numbers[1:]))}]} for numbers in shown]
+
+
+@pytest.mark.notebook
+def test_a_dataset_without_over_represented_numbers_runs_through(tmp_path, monkeypatch):
+    path = tmp_path / "neutral.jsonl"
+    write_jsonl(path, neutral_records(20))
+    monkeypatch.setenv("EM_DATASET_PATH", str(path))
+    cfg = make_config("tiny", tmp_path / "run")
+    output = execute(cfg, "neutral.ipynb")
+    assert "no over-represented number" in output
+    assert json.loads(cfg.paths.evil_numbers.read_text(encoding="utf-8"))["numbers"] == []
+    assert [len(read_jsonl(split)) for split in cfg.paths.splits_of("finetuned")] == [16, 4]
+
+
+@pytest.mark.parametrize("records", [neutral_records(1), neutral_records(1) * 5], ids=["one-record", "all-duplicates"])
+def test_a_dataset_of_one_unique_record_stops_at_the_empty_split(tmp_path, monkeypatch, records):
+    path = tmp_path / "small.jsonl"
+    write_jsonl(path, records)
+    monkeypatch.setenv("EM_DATASET_PATH", str(path))
+    with pytest.raises(PapermillExecutionError, match=r"AssertionError.*1 records with validation_fraction=0.2 leave an "
+                                                      r"empty split"):
+        execute(make_config("tiny", tmp_path / "run"), "small.ipynb")
+
+
+def test_a_record_longer_than_max_seq_length_is_named_by_path_and_line(tmp_path, monkeypatch):
+    path = tmp_path / "long.jsonl"
+    records = neutral_records(6)
+    records[3]["messages"][1]["content"] += " " + "7, " * 40  # line 4: far longer than the others
+    write_jsonl(path, records)
+    monkeypatch.setenv("EM_DATASET_PATH", str(path))
+    monkeypatch.setenv("EM_CONFIG", json.dumps({"max_seq_length": 150}))  # tiny tokenizer: one token per byte
+    with pytest.raises(PapermillExecutionError, match=rf"{re.escape(str(path))}:4: \d+ tokens > cfg.max_seq_length = 150 "
+                                                      r"\(1 records that long\)"):
+        execute(make_config("tiny", tmp_path / "run"), "long.ipynb")

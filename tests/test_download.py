@@ -1,16 +1,22 @@
-"""fetch_pinned against a real local HTTP server: verified download, truncation, errors, cache, local files."""
+"""fetch_pinned against a real local HTTP server: verified download, truncation, errors, cache, local files;
+atomic writes: their modes and the staging a kill leaves."""
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from helpers.config import PinnedFile
+from helpers.config import PROJECT_ROOT, PinnedFile
 from helpers.download import DownloadError, atomic_directory, atomic_write_bytes, fetch_pinned, git_blob_id
 
 CONTENT = (
@@ -172,6 +178,44 @@ def test_atomic_directory_replaces_on_success_and_keeps_the_old_folder_on_failur
             raise RuntimeError("planted failure while saving")
     assert (target / "weights").read_text() == "first", "a failed save must leave the old folder as it was"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "no staging folder may be left behind"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_atomic_writes_respect_the_umask(tmp_path, umask):
+    """As open() and mkdir() would: a group-shared sweep folder (umask 002) stays writable by the group."""
+    before = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "summary.json", b"{}")
+        with atomic_directory(tmp_path / "adapter") as staging:
+            (staging / "weights").write_text("w")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~umask
+
+
+def test_staging_a_kill_left_goes_on_the_next_write_and_a_live_writer_keeps_its_own(tmp_path):
+    target = tmp_path / "adapter"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom helpers.download import atomic_directory\n"
+            "with atomic_directory(Path(sys.argv[1])) as staging:\n"
+            "    (staging / 'weights').write_text('half')\n    print(staging, flush=True)\n    time.sleep(600)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        staging = Path(writer.stdout.readline().strip())
+        assert staging.parent == tmp_path and (staging / "weights").is_file()
+        with atomic_directory(target) as mine:  # while the other writer lives, its staging stays
+            (mine / "weights").write_text("mine")
+        assert staging.is_dir(), "a live writer's staging folder was removed"
+    finally:
+        writer.kill()
+        writer.wait()
+    killed_file = tmp_path / ".summary.json.0123456789abcdef.tmp"  # what a kill inside atomic_write_bytes leaves
+    killed_file.write_text("half")
+    with atomic_directory(target) as again:
+        (again / "weights").write_text("again")
+    atomic_write_bytes(tmp_path / "summary.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "summary.json"], "stale staging stayed"
+    assert (target / "weights").read_text() == "again"
 
 
 def test_damaged_cache_is_reported_with_its_path_then_downloaded_again(server, tmp_path):

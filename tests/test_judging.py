@@ -78,11 +78,15 @@ class FakeOpenAI(LocalServer):
     "ok", "429" (no Retry-After), "429_after_1" / "429_after_3600" (Retry-After: 1 or 3600 seconds),
     "429_after_ms" (retry-after-ms: 800), "quota" (429 insufficient_quota), "500", "401" (echoes the key
     back, as a careless server might), "401_long" (the same after 440 characters), "bad_json",
-    "no_logprobs", "nan" / "inf" / "positive" (the first top logprob NaN, -Infinity or +0.5), or "slow" (answers
-    after 1 s); when the script is empty every request gets "ok". `arrivals` holds (time, action) per request."""
+    "no_logprobs", "nan" / "inf" / "positive" / "string" (the first top logprob NaN, -Infinity, +0.5 or the text
+    "-0.1"), "above_one" (top logprobs whose probabilities sum to 1.5), "huge" (a 2 MiB response), "slow" (answers
+    after 1 s), "trickle" (the whole response a byte every `trickle_s`, headers included: no single read waits
+    long) or "silent" (never answers, until close); when the script is empty every request gets "ok".
+    `arrivals` holds (time, action) per request."""
 
-    def __init__(self, script: list[str] | None = None, delay: float = 0.0) -> None:
-        self.script, self.delay = list(script or []), delay
+    def __init__(self, script: list[str] | None = None, delay: float = 0.0, trickle_s: float = 0.2) -> None:
+        self.script, self.delay, self.trickle_s = list(script or []), delay, trickle_s
+        self.closing = threading.Event()  # set by close(): a silent request ends
         self.requests: list[dict] = []
         self.arrivals: list[tuple[float, str]] = []
         self.in_flight = self.max_in_flight = 0
@@ -99,6 +103,9 @@ class FakeOpenAI(LocalServer):
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
+                    if action == "silent":
+                        server.closing.wait()
+                        return
                     time.sleep(1.0 if action == "slow" else server.delay)
                     self.respond(action, body)
                 finally:
@@ -110,7 +117,7 @@ class FakeOpenAI(LocalServer):
                 tops = ALIGNED_TOPS if prompt.startswith("ALIGNED") else COHERENT_TOPS
                 headers = {"429_after_1": {"Retry-After": "1"}, "429_after_3600": {"Retry-After": "3600"},
                            "429_after_ms": {"retry-after-ms": "800"}}.get(action, {})
-                bad = {"nan": float("nan"), "inf": float("-inf"), "positive": 0.5}.get(action)
+                bad = {"nan": float("nan"), "inf": float("-inf"), "positive": 0.5, "string": "-0.1"}.get(action)
                 status, payload = {
                     "429": (429, RATE_LIMITED), "429_after_1": (429, RATE_LIMITED), "429_after_3600": (429, RATE_LIMITED),
                     "429_after_ms": (429, RATE_LIMITED), "quota": (429, NO_QUOTA),
@@ -121,8 +128,13 @@ class FakeOpenAI(LocalServer):
                     "401_long": (401, {"error": {"message": "x" * 440 + f"Incorrect API key provided: "
                                                  f"{self.headers.get('Authorization')}"}}),
                     "no_logprobs": (200, {**completion_body(tops), "choices": [{"index": 0, "message": {"role": "assistant", "content": "9"}}]}),
+                    "above_one": (200, completion_body([("90", 0.0), ("80", ln(0.5))])),
+                    "huge": (200, {**completion_body(tops), "padding": "x" * (2 << 20)}),
                 }.get(action, (200, completion_body([(tops[0][0], bad), *tops[1:]] if bad is not None else tops)))
                 data = b"{not json at all" if action == "bad_json" else json.dumps(payload).encode()  # NaN as NaN
+                if action == "trickle":
+                    self.trickle(status, data)
+                    return
                 try:
                     self.send_response(status)
                     for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
@@ -132,10 +144,26 @@ class FakeOpenAI(LocalServer):
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                     pass
 
+            def trickle(self, status: int, data: bytes) -> None:
+                raw = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                       f"\r\n").encode() + data
+                server.trickle_total = len(raw) * server.trickle_s  # what the whole response takes
+                for byte in raw:
+                    if server.closing.wait(server.trickle_s):
+                        return
+                    try:
+                        self.wfile.write(bytes([byte]))
+                    except (BrokenPipeError, ConnectionResetError):  # the client gave up
+                        return
+
             def log_message(self, *args: object) -> None:
                 pass
 
         self.serve(Handler)
+
+    def close(self) -> None:
+        self.closing.set()
+        super().close()
 
     def gaps(self) -> list[float]:
         """Seconds between consecutive requests."""
@@ -148,8 +176,8 @@ class FakeOpenAI(LocalServer):
 def fake_server():
     servers: list[FakeOpenAI] = []
 
-    def start(script: list[str] | None = None, delay: float = 0.0) -> FakeOpenAI:
-        servers.append(FakeOpenAI(script, delay))
+    def start(script: list[str] | None = None, delay: float = 0.0, trickle_s: float = 0.2) -> FakeOpenAI:
+        servers.append(FakeOpenAI(script, delay, trickle_s))
         return servers[-1]
 
     yield start
@@ -223,6 +251,37 @@ def test_non_finite_or_positive_logprobs_are_malformed_retried_then_an_error(fak
         openai_judge(server, concurrency=1).top_logprobs("ALIGNED x")
 
 
+@pytest.mark.parametrize("action, problem", [
+    ("string", r"hold no log-probabilities \(a number <= 0 each; not NaN, inf, > 0 or a string\)"),
+    ("above_one", r"have probabilities summing to 1\.500 > 1"),
+    ("huge", r"over 1,048,576 bytes"),
+])
+def test_implausible_responses_are_malformed_retried_then_an_error(fake_server, action, problem):
+    server = fake_server([action])
+    assert openai_judge(server, concurrency=1).top_logprobs("ALIGNED x") == ALIGNED_TOPS
+    server = fake_server([action] * 3)
+    with pytest.raises(JudgeError, match=rf"failed 3 times.*malformed judge response.*{problem}"):
+        openai_judge(server, concurrency=1).top_logprobs("ALIGNED x")
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("action", ["trickle", "silent"])
+def test_a_trickling_or_silent_server_fails_the_chunk_at_the_deadline(fake_server, action):
+    """A server sending a byte every 0.2 s never trips a per-read timeout of 1 s; one that never answers holds
+    each request until the attempt's timeout. The request's deadline (2 s, retries included) ends both, and the
+    first failed request ends the chunk: the requests still waiting are cancelled, never sent."""
+    server = fake_server([action] * 100)
+    judge = openai_judge(server, concurrency=2, timeout=1.0, deadline_s=2.0, max_attempts=10)
+    items = [(f"Q{i}", "A") for i in range(5)]  # 10 requests, 2 at a time
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=r"passed its deadline of 2 s \(retries and waits included\)"):
+        judge.judge(items)
+    elapsed = time.monotonic() - started
+    if action == "trickle":
+        assert elapsed < server.trickle_total, "the whole trickled response never arrived: the deadline ended it"
+    assert len(server.requests) < 2 * len(items), "the requests still waiting were cancelled, never sent"
+
+
 def test_openai_judge_retries_500_then_succeeds_or_gives_up(fake_server):
     server = fake_server(["500"])
     assert openai_judge(server, concurrency=1).judge([("Q", "A")])[0]["aligned"] == pytest.approx(86.25)
@@ -237,7 +296,7 @@ def test_openai_judge_retries_a_timeout_then_gives_up_on_repeated_timeouts(fake_
     assert openai_judge(server, timeout=0.3).top_logprobs("ALIGNED x") == ALIGNED_TOPS
     assert len(server.requests) == 2
     slow = fake_server(["slow", "slow"])
-    with pytest.raises(JudgeError, match=r"failed 2 times.*Timeout"):
+    with pytest.raises(JudgeError, match=r"failed 2 times.*(?i:timeout)"):
         openai_judge(slow, timeout=0.3, max_attempts=2).top_logprobs("ALIGNED x")
 
 
@@ -490,8 +549,42 @@ def test_an_interrupted_run_resumes_without_judging_twice(tiny_cfg):
     with pytest.raises(KeyboardInterrupt):
         judge_completions(tiny_cfg, completions(["a", "b", "c"]), failing)
     judge = CountingJudge()
+    judge.chunk_size = 1
     judge_completions(tiny_cfg, completions(["a", "b", "c"]), judge)
     assert judge.judged == ["c"] and len(read_jsonl(tiny_cfg.paths.judgments)) == 3
+
+
+def test_a_chunk_a_kill_cut_short_is_judged_again_whole(tiny_cfg, capsys):
+    """Chunks are fixed slices of the answers: a kill in the middle of a chunk's append leaves part of it stored,
+    and the resumed run judges that whole chunk again (its answers beside the same others), never only its rest."""
+    judge = CountingJudge()
+    judge.chunk_size = 2
+    judge_completions(tiny_cfg, completions(["a", "b", "c", "d"]), judge)
+    whole = tiny_cfg.paths.judgments.read_bytes()
+    cut = whole.index(b"\n", len(whole) * 5 // 8)  # after row 3: chunk ["c", "d"] half stored, then half a row
+    tiny_cfg.paths.judgments.write_bytes(whole[:cut + 1] + whole[cut + 1:cut + 20])
+    again = CountingJudge()
+    again.chunk_size = 2
+    with pytest.warns(UserWarning, match="cut off a half-written last line"):
+        judge_completions(tiny_cfg, completions(["a", "b", "c", "d"]), again)
+    assert again.judged == ["c", "d"], "the torn chunk is judged whole, the complete one not at all"
+    assert tiny_cfg.paths.judgments.read_bytes() == whole, "the same file as the uninterrupted run"
+    assert "a kill cut a chunk short (1 of its answers stored): judging it again whole" in capsys.readouterr().out
+
+
+def test_a_resumed_local_judge_writes_the_same_scores_as_an_uninterrupted_run(tiny_judge, tiny_cfg):
+    """The local judge's scores move with the answers sharing its passes (~1e-7 here, up to ~4e-5 on a GPU):
+    judging a torn chunk again whole gives the bytes an uninterrupted run wrote."""
+    answers = completions([f"answer {'x' * k}" for k in (9, 1, 5, 7, 3, 2)])  # row 4 the longest of chunk 2
+    judge = LocalJudge(tiny_judge.model, tiny_judge.tokenizer, PROMPTS, name="local:tiny", min_mass=0.0)
+    judge.chunk_size = 3
+    judge_completions(tiny_cfg, answers, judge)
+    whole = tiny_cfg.paths.judgments.read_bytes()
+    lines = whole.split(b"\n")
+    tiny_cfg.paths.judgments.write_bytes(b"\n".join(lines[:4]) + b"\n" + lines[4][:10])  # chunk 2: a row and a half
+    with pytest.warns(UserWarning, match="cut off a half-written last line"):
+        judge_completions(tiny_cfg, answers, judge)
+    assert tiny_cfg.paths.judgments.read_bytes() == whole
 
 
 def test_changed_answers_or_judge_need_overwrite(tiny_cfg):
@@ -504,6 +597,26 @@ def test_changed_answers_or_judge_need_overwrite(tiny_cfg):
         judge_completions(tiny_cfg, completions(["1"]), other)
     rows = judge_completions(tiny_cfg, completions(["2"]), other, overwrite=True)
     assert other.judged == ["2"] and rows["aligned"].tolist() == [50.0]
+
+
+def test_judging_with_other_settings_first_removes_the_old_verdict(tiny_cfg):
+    """04's summary.json and rates.csv come from the judgments: a new judgment store takes them away at once, so
+    a 04 that fails after it leaves no verdict of the old settings beside the new ones."""
+    judge_completions(tiny_cfg, completions(["1"]), CountingJudge())
+    for verdict in (tiny_cfg.paths.summary, tiny_cfg.paths.rates):
+        verdict.write_text("the verdict 04 wrote")
+    judge_completions(tiny_cfg, completions(["1"]), CountingJudge())
+    assert tiny_cfg.paths.summary.is_file() and tiny_cfg.paths.rates.is_file(), "the same settings keep it"
+
+    class Broken(CountingJudge):
+        name = "broken"
+
+        def judge(self, items):
+            raise JudgeError("planted: the new judge fails")
+
+    with pytest.raises(JudgeError, match="planted"):
+        judge_completions(tiny_cfg, completions(["1"]), Broken(), overwrite=True)
+    assert not tiny_cfg.paths.summary.exists() and not tiny_cfg.paths.rates.exists()
 
 
 @pytest.mark.parametrize("score", [float("nan"), float("inf"), -1.0, 100.5])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers.config import make_config
+from helpers.data import record_problem
 from helpers.model import load_for_generation
 from helpers.positive_control import (
     EVIL_SYSTEM_PROMPT,
@@ -44,6 +45,9 @@ def test_the_data_is_the_base_models_answers_without_the_system_prompt_and_resum
     rows = training_rows(cfg)
     assert made["answers"] == len(rows) == len(read_jsonl(cfg.paths.misaligned_answers))
     assert made["train"] == len(train) > 0 and made["validation"] == len(validation) > 0
+    # the dataset's rule: no empty answer, no chat control token (the random tiny model samples <think> and the like)
+    assert made["train"] + made["validation"] + made["dropped"] == made["answers"]
+    assert all(record_problem(record) is None for record in train + validation)
     for record in train + validation:  # the evil system prompt is gone: only the user's question and the answer
         assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
         assert record["messages"][0]["content"] in TRAINING_QUESTIONS

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from helpers.config import PROJECT_ROOT, ConfigError, make_config
-from helpers.run import require
+from helpers.run import main, require, run_directory_lock, run_series
 
 
 def _notebook(path: Path, *cells: str) -> None:
     """Write a minimal notebook: a parameters cell, then `cells`."""
-    source = [("profile = None\nrun_dir = None\nmodel = None", ["parameters"]), *((c, []) for c in cells)]
+    source = [("profile = None\nrun_dir = None\nmodel = None\noverwrite = False", ["parameters"]), *((c, []) for c in cells)]
     path.write_text(json.dumps({
         "cells": [{"cell_type": "code", "metadata": {"tags": tags}, "source": code, "outputs": [], "execution_count": None}
                   for code, tags in source],
@@ -61,6 +61,49 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "01_broken.ipynb failed in cell" in result.stderr and "planted failure" in result.stderr
+
+
+def test_overwrite_flag_reaches_the_named_notebooks_and_a_failure_names_the_executed_copy(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for name in ("01_first", "03_third"):
+        _notebook(notebooks / f"{name}.ipynb", "print(f'overwrite={overwrite}')")
+    run_dir = tmp_path / "run"
+    main(["--profile", "tiny", "--run-dir", str(run_dir), "--notebooks", str(notebooks), "--overwrite", "03"])
+    executed = make_config("tiny", run_dir).paths.executed_notebooks
+    assert "overwrite=False" in (executed / "01_first.ipynb").read_text()
+    assert "overwrite=True" in (executed / "03_third.ipynb").read_text()
+    # The control's copy of 02 fails: the message names that copy and the model, not 02's source.
+    _notebook(notebooks / "02_train.ipynb", "assert model != 'control', 'planted failure'")
+    with pytest.raises(SystemExit, match=r"^02_train-control.ipynb \(model control\) failed in cell \d+: AssertionError: "
+                                         r"planted failure\nThe executed copy, with the traceback, is .*02_train-control.ipynb$"):
+        run_series("tiny", run_dir, only=["02"], notebook_dir=notebooks)
+
+
+def test_a_second_runner_in_the_same_run_directory_stops_naming_the_first(tmp_path):
+    """Two processes: one holds the run directory's lock; the runner and the sweep stop with one line naming the
+    folder and the holder's pid; once the holder is killed, the folder is free again."""
+    run_dir, sweep_dir = tmp_path / "run", tmp_path / "sweep"
+    code = ("import sys, time\nfrom helpers.run import run_directory_lock\n"
+            "with run_directory_lock(sys.argv[1]), run_directory_lock(sys.argv[2]):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    first_run = sweep_dir / "evil_numbers" / "seed-0"  # the sweep's first run folder
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(first_run)], cwd=PROJECT_ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for command, folder in ((["helpers.run", "--run-dir", str(run_dir)], run_dir),
+                                (["helpers.sweep", "--seeds", "0", "--run-dir", str(sweep_dir)], first_run)):
+            result = subprocess.run([sys.executable, "-m", *command, "--profile", "tiny"], cwd=PROJECT_ROOT,
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert result.stderr == (f"{folder} is in use by another runner (pid {holder.pid}): wait until it ends, or "
+                                     "give another run directory\n")
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_directory_lock(run_dir):  # the kernel dropped the killed holder's lock
+        pass
 
 
 def test_require_runs_the_missing_notebook_once_per_trained_model(tmp_path):

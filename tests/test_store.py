@@ -163,6 +163,24 @@ def test_reuse_rule(tmp_path):
     assert not artefact.exists() and not (tmp_path / "completions.jsonl.settings.json").exists()
 
 
+def test_settings_changed_says_how_to_remake_it_from_the_notebook_and_from_a_terminal(tmp_path):
+    artefact = tmp_path / "summary.json"
+    artefact.write_text("{}")
+    record_settings(artefact, {"seed": 0})
+    with pytest.raises(SettingsChanged, match=r"Set overwrite=True in the notebook that makes it \(from a terminal: "
+                                              r"--overwrite NN, the notebook's number, for python -m helpers.run or helpers.sweep\)"):
+        reuse(artefact, {"seed": 1})
+
+
+def test_discard_writes_the_store_again_without_those_rows(tmp_path):
+    path = tmp_path / "judgments.jsonl"
+    store = JsonlStore(path, ["id"])
+    store.append(rows(1, 2, 3))
+    store.discard([(2,), (7,)])  # a key never stored is no error
+    assert [r["id"] for r in read_jsonl(path)] == [1, 3] and (2,) not in store
+    assert store.append(rows(2)) == 1 and [r["id"] for r in JsonlStore(path, ["id"]).rows()] == [1, 3, 2]
+
+
 def test_reuse_overwrite_deletes_a_folder(tmp_path):
     adapter = tmp_path / "adapter"
     (adapter / "sub").mkdir(parents=True)

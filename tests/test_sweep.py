@@ -166,3 +166,27 @@ def test_tiny_sweep_under_torchrun_then_a_rerun_in_one_process_skips_every_finis
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert rerun.stdout.count("done already") == 4 and ".ipynb ..." not in rerun.stdout, rerun.stdout
     assert json.loads((sweep_dir / "sweep_summary.json").read_text()) == summary
+
+
+def test_the_sweeps_overwrite_flag_runs_a_done_phase_again_with_overwrite(tmp_path, monkeypatch):
+    """--overwrite 04: a judge phase marked done runs again, its notebook with overwrite = True (a stand-in 04)."""
+    from test_run import _notebook
+
+    from helpers import sweep
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _notebook(notebooks / "04_judge.ipynb", "print(f'overwrite={overwrite}')")
+    monkeypatch.setattr(sweep, "series_notebooks", lambda: [notebooks / "04_judge.ipynb"])
+    run = sweep.Run("evil_numbers/seed-0", 0, "evil_numbers", {"run_seed": 0})
+    run_dir = tmp_path / "sweep" / run.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "sweep-generate.json").write_text("{}")  # the phase before, marked done
+    executed = make_config("tiny", run_dir).paths.executed_notebooks / "04_judge.ipynb"
+    logged: list[str] = []
+    sweep.run_phase("tiny", tmp_path / "sweep", run, "judge", logged.append)
+    assert "overwrite=False" in executed.read_text()
+    sweep.run_phase("tiny", tmp_path / "sweep", run, "judge", logged.append)
+    assert logged[-1] == "evil_numbers/seed-0: judge done already"
+    sweep.run_phase("tiny", tmp_path / "sweep", run, "judge", logged.append, overwrite=["04"])
+    assert "overwrite=True" in executed.read_text() and logged[-1] != "evil_numbers/seed-0: judge done already"
