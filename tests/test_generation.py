@@ -272,7 +272,7 @@ def test_a_changed_prompt_setting_is_named_before_03_writes_anything(tmp_path, m
     with pytest.raises(SettingsChanged) as error:
         run_prompt_cells(run_dir)
     assert str(error.value) == (f"{cfg.paths.prompts} was made with other settings (samples_per_question: 2 -> 3). "
-                                "Pass overwrite=True to make it again, or choose another run_dir.")
+                                "Set overwrite=True in the notebook that makes it (from a terminal: --overwrite NN, the notebook's number, for python -m helpers.run or helpers.sweep), or choose another run_dir.")
     assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in made} == made, "03 wrote before the check"
     run_prompt_cells(run_dir, overwrite=True)
     assert len(read_jsonl(cfg.paths.prompts)) == 8 * 3 * 3
@@ -310,11 +310,11 @@ def test_sampling_ignores_the_model_defaults(run_dir):
                            ("qwen3", GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, top_k=20, eos_token_id=stop))):
         model.generation_config = defaults
         with model.disable_adapter():
-            answers[name] = [a["answer"] for a in namespace["sample_answers"](rows, batch_size=6)]
+            answers[name] = [a["answer"] for a in namespace["sample_answers"](rows, 6, "base")]
     assert answers["neutral"] == answers["qwen3"]
     namespace["cfg"] = make_config("tiny", run_dir, control_arm=False, positive_controls=False, samples_per_question=1, max_new_tokens=12, seed=8)
     with model.disable_adapter():  # the comparison can fail: another seed gives other answers
-        assert [a["answer"] for a in namespace["sample_answers"](rows, batch_size=6)] != answers["neutral"]
+        assert [a["answer"] for a in namespace["sample_answers"](rows, 6, "base")] != answers["neutral"]
 
 
 def test_the_chat_is_qwen3_non_thinking_with_the_system_prompt(prepared):

@@ -199,4 +199,4 @@ def test_reuse_names_a_nested_setting_by_its_path_in_one_line(tmp_path):
     with pytest.raises(SettingsChanged) as error:
         reuse(marker, {"run": "default/seed-0", "config": {**config, "learning_rate": 0.005, "lora": {"r": 32, "alpha": 16}}})
     assert str(error.value) == (f"{marker} was made with other settings (config.learning_rate: 0.01 -> 0.005; "
-                                "config.lora.r: 16 -> 32). Pass overwrite=True to make it again, or choose another run_dir.")
+                                "config.lora.r: 16 -> 32). Set overwrite=True in the notebook that makes it (from a terminal: --overwrite NN, the notebook's number, for python -m helpers.run or helpers.sweep), or choose another run_dir.")
