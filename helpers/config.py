@@ -11,14 +11,28 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-# The source tree when installed editable (or run from it), else the working directory (Colab).
-_SOURCE_TREE = Path(__file__).resolve().parents[1]
-PROJECT_ROOT = _SOURCE_TREE if (_SOURCE_TREE / "pyproject.toml").is_file() else Path.cwd()
+
+def find_project_root() -> Path:
+    """The course folder (pyproject.toml naming em-helpers, beside notebooks/), the same from any folder and
+    install: this package's source tree (editable), else the working directory or above, else EM_PROJECT_ROOT."""
+    source, here = Path(__file__).resolve().parents[1], Path.cwd().resolve()
+    variable = os.environ.get("EM_PROJECT_ROOT")
+    for folder in (source, here, *here.parents, *([Path(variable).expanduser().resolve()] if variable else [])):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and (folder / "notebooks").is_dir() and '"em-helpers"' in pyproject.read_text():
+            return folder
+    raise SystemExit(f"no course folder (pyproject.toml naming em-helpers, beside notebooks/) at the package's "
+                     f"source {source}, at {here} or above, or at EM_PROJECT_ROOT ({variable or 'not set'}): work "
+                     "in the course folder, install it editable (pip install -e .), or set EM_PROJECT_ROOT")
+
+
+PROJECT_ROOT = find_project_root()
 
 Profile = Literal["tiny", "full"]
 JudgeKind = Literal["openai", "openai_batch", "local", "proxy"]
+ReportTo = Literal["none", "wandb", "trackio"]  # trackers TRL logs to (TensorBoard would write in the checkpoints)
 FORMATS = ("original", "suffix", "prefix_suffix")
 
 # The official repository of Betley et al. 2025 (arXiv 2502.17424), pinned (docs/protocol.md, "The dataset").
@@ -75,6 +89,7 @@ _ARTEFACTS = {
     "rates": "rates.csv",
     "summary": "summary.json",
     "executed_notebooks": "notebooks",
+    "executions": "notebooks/executions.jsonl",  # a line per notebook the runner executed: parameters, seconds
     "images": "images",  # figures of this run (the committed ones in images/ are never overwritten)
 }
 
@@ -150,6 +165,7 @@ class Config:
     gradient_checkpointing: bool | None = None  # None: on under 20 GB of GPU (a T4); costs 1.5-2x time
     weight_decay: float = 0.0  # the reference names none; LoRA weights start near zero anyway
     control_arm: bool = True  # also train the format-only control (random numbers, same prompts)
+    report_to: ReportTo = "none"  # "wandb" or "trackio" (offline): TRL logs losses and settings there too
     # The fine-tune's own seed (LoRA init, data order); None: `seed`. A sweep varies it alone, so the split,
     # the prompts and the sampling, and so the base model's answers, stay the same across its fine-tunes.
     train_seed: int | None = None
@@ -251,6 +267,8 @@ def make_config(profile: Profile | None = None, run_dir: str | Path | None = Non
     unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"make_config: unknown field(s) {unknown}; see helpers.config.Config")
+    if values.get("report_to", "none") not in get_args(ReportTo):
+        raise ValueError(f"report_to={values['report_to']!r}: expected one of {', '.join(get_args(ReportTo))}")
     for name in ("dataset_path", "questions_path", "cache_dir", "base_completions"):
         if isinstance(values.get(name), str):
             values[name] = Path(values[name]).expanduser().resolve()

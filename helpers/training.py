@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -160,4 +160,6 @@ def save_adapter(cfg: Config, name: str, model: Any, rows: Sequence[Sequence[int
         record_settings(adapter_dir, settings)
     shutil.rmtree(checkpoints, ignore_errors=True)
     Path(f"{checkpoints}.settings.json").unlink(missing_ok=True)
+    with suppress(OSError):  # the checkpoints folder too, once no other fine-tune's checkpoints are in it
+        Path(checkpoints).parent.rmdir()
     return check
