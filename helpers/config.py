@@ -16,15 +16,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-# The source tree when installed editable (or run from it), else the working directory (Colab).
-_SOURCE_TREE = Path(__file__).resolve().parents[1]
-PROJECT_ROOT = _SOURCE_TREE if (_SOURCE_TREE / "pyproject.toml").is_file() else Path.cwd()
+
+def find_project_root() -> Path:
+    """The course folder (pyproject.toml naming em-helpers, beside notebooks/), the same from any folder and
+    install: this package's source tree (editable), else the working directory or above, else EM_PROJECT_ROOT."""
+    source, here = Path(__file__).resolve().parents[1], Path.cwd().resolve()
+    variable = os.environ.get("EM_PROJECT_ROOT")
+    for folder in (source, here, *here.parents, *([Path(variable).expanduser().resolve()] if variable else [])):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and (folder / "notebooks").is_dir() and '"em-helpers"' in pyproject.read_text():
+            return folder
+    raise SystemExit(f"no course folder (pyproject.toml naming em-helpers, beside notebooks/) at the package's "
+                     f"source {source}, at {here} or above, or at EM_PROJECT_ROOT ({variable or 'not set'}): work "
+                     "in the course folder, install it editable (pip install -e .), or set EM_PROJECT_ROOT")
+
+
+PROJECT_ROOT = find_project_root()
 
 Profile = Literal["tiny", "full"]
 JudgeKind = Literal["openai", "openai_batch", "local", "proxy"]
 # transformers' schedulers that need no arguments beyond the warmup and the number of steps
 LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                       "inverse_sqrt"]
+ReportTo = Literal["none", "wandb", "trackio"]  # trackers TRL logs to (TensorBoard would write in the checkpoints)
 FORMATS = ("original", "suffix", "prefix_suffix")
 
 # The official repository of Betley et al. 2025 (arXiv 2502.17424), pinned (docs/protocol.md, "The dataset").
@@ -87,6 +101,7 @@ _ARTEFACTS = {
     "rates": "rates.csv",
     "summary": "summary.json",
     "executed_notebooks": "notebooks",
+    "executions": "notebooks/executions.jsonl",  # a line per notebook the runner executed: parameters, seconds
     "images": "images",  # figures of this run (the committed ones in images/ are never overwritten)
 }
 
@@ -161,6 +176,7 @@ class Config:
     gradient_checkpointing: bool | None = None  # None: on under 20 GB of GPU (a T4); costs 1.5-2x time
     weight_decay: float = 0.0  # the reference names none; LoRA weights start near zero anyway
     control_arm: bool = True  # also train the format-only control (random numbers, same prompts)
+    report_to: ReportTo = "none"  # "wandb" or "trackio" (offline): TRL logs losses and settings there too
     # The positive controls (04 shows the pipeline can see misalignment at all): the base model answering under an
     # evil system prompt ("evil_prompt"), and a model fine-tuned on such answers to other questions ("misaligned_ft").
     positive_controls: bool = True

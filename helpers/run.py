@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -98,7 +99,11 @@ def execute(cfg: Config, notebook: Path, extra: dict | None = None, overwrite: b
         which = executed.name + (f" (model {extra['model']})" if "model" in extra else "")
         raise SystemExit(f"{which} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
                          f"The executed copy, with the traceback, is {executed}") from None
-    print(f" done in {time.perf_counter() - started:.0f} s -> {executed}")
+    seconds = time.perf_counter() - started
+    with open(cfg.paths.executions, "a", encoding="utf-8") as log:  # what ran, how long, when (tests count them)
+        log.write(json.dumps({"notebook": executed.name, "parameters": extra, "seconds": round(seconds, 1),
+                              "finished": time.time()}) + "\n")  # seconds since the epoch, as file times
+    print(f" done in {seconds:.0f} s -> {executed}")
     return executed
 
 
@@ -107,9 +112,12 @@ def require(cfg: Config, notebook: str, notebook_dir: Path = NOTEBOOK_DIR) -> No
     missing = [path for path in made_by(cfg, notebook) if not path.exists()]
     if not missing:
         return
-    print(f"missing {', '.join(str(p) for p in missing)}: running {notebook} headless (papermill) to make it")
-    path = next(nb for nb in series_notebooks(notebook_dir) if nb.name.startswith(notebook))
-    for nb, extra in jobs(cfg, [path]):
+    found = [nb for nb in series_notebooks(notebook_dir) if nb.name.startswith(notebook)]
+    if not found:
+        raise SystemExit(f"missing {', '.join(str(p) for p in missing)}, and no notebook {notebook}_*.ipynb in "
+                         f"{notebook_dir} to make it (the project folder: {PROJECT_ROOT})")
+    print(f"missing {', '.join(str(p) for p in missing)}: running {found[0].name} headless (papermill) to make it")
+    for nb, extra in jobs(cfg, found[:1]):
         execute(cfg, nb, extra)
 
 

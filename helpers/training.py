@@ -7,7 +7,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -183,4 +183,6 @@ def save_adapter(cfg: Config, name: str, model: Any, rows: Sequence[Sequence[int
         record_settings(adapter_dir, settings | adapter_weights(staging))  # the settings and the weights they made
     shutil.rmtree(checkpoints, ignore_errors=True)
     Path(f"{checkpoints}.settings.json").unlink(missing_ok=True)
+    with suppress(OSError):  # the checkpoints folder too, once no other fine-tune's checkpoints are in it
+        Path(checkpoints).parent.rmdir()
     return check

@@ -117,8 +117,9 @@ def run_in_colab(colab: dict, cells: list[str], content: Path, monkeypatch: pyte
         probes += [json.loads(line[5:]) for line in text.splitlines() if line.startswith("PROBE")]
     installed = {item["metadata"]["name"].lower().replace("_", "-"): item for item in json.loads(report.read_text())["install"]}
     assert {"unsloth", "unsloth-zoo", "bitsandbytes", "em-helpers"} <= installed.keys(), sorted(installed)
-    assert installed["em-helpers"]["download_info"]["url"] == f"file://{content}/{REPO.split('/')[1]}", (
-        "`.` in requirements-gpu.txt must install the clone")
+    project = installed["em-helpers"]["download_info"]
+    assert project["url"] == f"file://{content}/{REPO.split('/')[1]}" and project["dir_info"].get("editable"), (
+        f"`-e .` in requirements-gpu.txt must install the clone, editable: {project}")
     return probes
 
 

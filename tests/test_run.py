@@ -1,5 +1,5 @@
-"""The headless runner produces the whole series end to end on the tiny profile, offline; `require` runs a
-missing notebook; EM_CONFIG overrides config fields."""
+"""The headless runner produces the whole series end to end on the tiny profile, offline, once per test session;
+`require` runs a missing notebook; EM_CONFIG overrides config fields."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from helpers.config import PROJECT_ROOT, ConfigError, make_config
-from helpers.run import main, require, run_directory_lock, run_series
+from helpers.run import jobs, made_by, main, require, run_directory_lock, run_series, series_notebooks
+from helpers.store import read_jsonl
+
+LOG_START = pytest.StashKey[int]()  # lines of the runner's log before the series test ran it
 
 
 def _notebook(path: Path, *cells: str) -> None:
@@ -27,10 +31,12 @@ def _notebook(path: Path, *cells: str) -> None:
 
 
 @pytest.mark.notebook
-def test_runner_executes_the_series_and_writes_every_artefact():
+def test_runner_executes_the_series_and_writes_every_artefact(request):
     # The session's shared run directory (conftest): nbmake later re-executes notebooks/ and solutions/
     # there and reuses these artefacts, so CI computes the series once.
     run_dir = Path(os.environ["EM_RUN_DIR"])
+    log = make_config("tiny", run_dir).paths.executions  # the runner's; an EM_RUN_DIR you set may hold earlier runs
+    request.config.stash[LOG_START] = start = len(read_jsonl(log)) if log.is_file() else 0
     result = subprocess.run([sys.executable, "-m", "helpers.run", "--profile", "tiny", "--run-dir", str(run_dir)],
                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -50,6 +56,29 @@ def test_runner_executes_the_series_and_writes_every_artefact():
         text = (paths.executed_notebooks / f"{name}.ipynb").read_text()
         assert '"output_type": "error"' not in text, f"{name}: an error cell"
         assert "  0%|" not in text, f"{name}: a progress bar stuck at 0%"
+    logged = [entry["notebook"] for entry in read_jsonl(log)[start:]]
+    assert len(logged) == len(jobs(cfg, series_notebooks())) and {f"{name}.ipynb" for name in executed} <= set(logged), (
+        f"the runner's log of executions: {logged}")
+    empty = sorted(str(folder) for folder in run_dir.rglob("*") if folder.is_dir() and not any(folder.iterdir()))
+    assert not empty, f"the series left empty folders: {empty}"
+
+
+def test_the_series_was_computed_once_in_this_session(request):
+    """Runs last (tests/conftest.py). The runner executed each notebook of the series exactly once in the session's
+    run directory, and nothing after it (the browser test, nbmake's executions of notebooks/ and solutions/)
+    made any of the series' artefacts again: they reused them. Counted from the runner's log and the artefacts'
+    modification times, never from how long anything took."""
+    assert request.node is request.session.items[-1], "this check must run last (tests/conftest.py orders it)"
+    if LOG_START not in request.config.stash:
+        pytest.skip("the series did not run in this session (tests/test_run.py's runner test was not selected)")
+    cfg = make_config("tiny", os.environ["EM_RUN_DIR"])
+    log = read_jsonl(cfg.paths.executions)[request.config.stash[LOG_START]:]
+    counts = Counter(entry["notebook"] for entry in log)  # the runner's jobs: 02 once per trained model
+    assert set(counts.values()) == {1} and len(counts) == len(jobs(cfg, series_notebooks())), dict(counts)
+    finished = max(entry["finished"] for entry in log)
+    artefacts = [path for notebook in ("01", "02", "03") for path in made_by(cfg, notebook)] + [cfg.paths.judgments]
+    remade = [str(path) for path in artefacts if path.stat().st_mtime > finished]
+    assert not remade, f"made again after the runner had made them (not reused): {remade}"
 
 
 def test_runner_names_the_failing_notebook_and_cell(tmp_path):

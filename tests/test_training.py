@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import random
 import shutil
 import sys
@@ -125,7 +126,7 @@ def test_the_run_learns_and_saves_a_checked_adapter(trained):
     stored = json.loads(cfg.paths.loss_history_of("finetuned").read_text())
     assert stored["settings"] == json.loads(json.dumps(trained["settings"], default=str))
     assert (cfg.paths.adapter_of("finetuned").parent / "adapter.settings.json").is_file(), "the reuse rule's record"
-    assert not (cfg.paths.checkpoints / "adapter").exists(), "checkpoints are removed once the adapter is saved"
+    assert not cfg.paths.checkpoints.exists(), "checkpoints (and their folder) are removed once the adapter is saved"
     assert (cfg.paths.images / "train_loss.png").stat().st_size > 10_000
 
 
@@ -346,6 +347,35 @@ def test_an_adapter_is_reused_and_loaded_only_with_the_weights_02_recorded(train
         run_notebook(run_dir, stop=TRAIN_CELL)
     assert run_notebook(run_dir, overwrite=True)["history"]["run"]["steps"] == 15, "overwrite = True trains it again"
     assert load_as_03()["adapters"]
+
+
+def test_report_to_names_a_tracker_02_can_log_to(tmp_path):
+    assert make_config("tiny", tmp_path).report_to == "none", "no tracking unless asked for"
+    with pytest.raises(ValueError, match="report_to='tensorboard' .*expected one of 'none', 'wandb', 'trackio'"):
+        make_config("tiny", tmp_path, report_to="tensorboard")
+
+
+def test_report_to_trackio_logs_the_losses_and_settings_offline(tmp_path, monkeypatch):
+    """report_to="trackio" (the config; 02 passes it to SFTConfig): a real tiny training run through the
+    notebook's cells logs its losses and settings to trackio, offline, in the session's folder (tests/conftest.py
+    sets TRACKIO_DIR); read back through trackio."""
+    trackio = pytest.importorskip("trackio", reason="trackio is not installed (optional: pip install trackio; CI has it)")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    project = "huggingface"  # TrainingArguments' default trackio project
+    db = SQLiteStorage.get_project_db_path(project)
+    assert db.parent == Path(os.environ["TRACKIO_DIR"]), "trackio does not keep its runs in the session's folder"
+    earlier = {run.id for run in trackio.Api().runs(project)} if db.exists() else set()
+    monkeypatch.setenv("EM_CONFIG", json.dumps({"report_to": "trackio"}))
+    write_splits(tmp_path / "run")
+    ran = run_notebook(tmp_path / "run", stop="s1c0de02")  # up to and with the training cell
+    assert ran["args"].project == project
+    [run] = [run for run in trackio.Api().runs(project) if run.id not in earlier]
+    logs = SQLiteStorage.get_logs(project, run.name, run_id=run.id)
+    for split, key in (("train", "train/loss"), ("validation", "eval/loss")):
+        expected = [point["loss"] for point in ran["loss_history"].points[split]]
+        assert [entry[key] for entry in logs if key in entry] == pytest.approx(expected) and expected, split
+    assert run.config["learning_rate"] == ran["cfg"].learning_rate and run.config["report_to"] == ["trackio"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None,
