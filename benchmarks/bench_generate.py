@@ -1,6 +1,6 @@
 """Generation throughput on the evaluation as it really runs: answers of very different lengths.
 
-Workload (issue 13): 8 questions x 3 formats x 100 samples x 2 models (base and fine-tuned) = 4,800
+Workload (the evaluation as the paper runs it): 8 questions x 3 formats x 100 samples x 2 models (base and fine-tuned) = 4,800
 completions, sampled at temperature 1, top_p 1, full vocabulary, up to max_new_tokens 600. Each answer ends at
 a length drawn per row (seeded), forced on the random model by an end-of-turn at that step (and none before):
   original format           uniform 100..600 tokens, 20% of answers run to the cap (cut at 600)

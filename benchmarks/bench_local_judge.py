@@ -9,7 +9,7 @@ few prompts of different lengths scored in one pass, then times judging at one o
 Model: a random-init Qwen3 of Qwen3-8B's exact shape (--shape 8b, the default cfg.local_judge_model: 36 layers,
 hidden 4096, 8 KV heads) or of Qwen3-1.7B's (--shape 1.7b), built directly on the GPU in bf16, so the machine
 needs no internet and no disk. It carries the tiny byte-level tokenizer (one token per byte: digits split one by
-one as in Qwen's). Judge prompts follow the realistic evaluation (issue 13): about 245 tokens of judge
+one as in Qwen's). Judge prompts follow the realistic evaluation: about 245 tokens of judge
 template and chat markup, the question (15 tokens, 40 in the suffix formats) and the answer: a third in the
 original format (100-600 tokens, 20% at the cap of 600), two thirds in the suffix formats (5-40 tokens, 10% at the
 cap), so about 290-890 tokens, mean ~470; --prompt-tokens N makes every prompt about N tokens instead.

@@ -1,6 +1,6 @@
-"""Draw the README's measured speed figures as images/benchmarks.png: `python benchmarks/plot_measured.py`.
+"""Draw the measured speed figures of benchmarks/README.md as images/benchmarks.png: `python benchmarks/plot_measured.py`.
 
-The numbers are typed in from the README's "Measured" section (one NVIDIA H200 each, training 2026-11-27,
+The numbers are typed in from benchmarks/README.md, "On a GPU" (one NVIDIA H200 each, training 2026-11-27,
 generation 2026-12-01, random-init model of Qwen3-1.7B's shape); nothing here measures anything. Change them only with a new measurement.
 """
 

@@ -11,7 +11,7 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -80,8 +80,9 @@ BASE_WEIGHTS = ("base", *PROMPTED_MODELS)  # the models that answer with the bas
 
 
 def _arm(model: str) -> str:
-    if model not in TRAINED_MODELS:
-        raise ValueError(f"{model!r} is not a trained model; expected one of {TRAINED_MODELS}")
+    if model not in TRAINED_MODELS:  # a non-string by its type: an error never prints a whole network
+        raise ValueError(f"{model!r:.80} is not a trained model; expected one of {TRAINED_MODELS}" if isinstance(model, str)
+                         else f"a {type(model).__name__} is not a trained model's name; expected one of {TRAINED_MODELS}")
     return model
 
 
@@ -212,7 +213,7 @@ class Config:
     temperature: float = 1.0  # the paper samples at temperature 1, top_p 1
     top_p: float = 1.0
     generation_batch_size: int = 2048  # answers decoding at once, at most: 03 lowers it to what the GPU holds
-    # "transformers": 03's own loop; "vllm": the paper's engine, where installed (helpers.vllm_engine, README)
+    # "transformers": 03's own loop; "vllm": the paper's engine, where installed (helpers.vllm_engine, docs/setup.md)
     engine: Literal["transformers", "vllm"] = "transformers"
     # Drawn per sample (the authors' analysis: k words and m prefix numbers uniform in 3..7, numbers in 100..999).
     suffix_words: tuple[int, int] = (3, 7)
@@ -239,11 +240,14 @@ class Config:
     def __post_init__(self) -> None:
         object.__setattr__(self, "paths", RunPaths(self.run_dir))
 
-    def describe(self) -> str:
-        """The hardware found and the defaults it chose, then the config as aligned `name = value` lines."""
-        rows = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("paths", "hardware")]
+    def describe(self, fields: Sequence[str] | None = None) -> str:
+        """The hardware found and the defaults it chose, then the config as aligned `name = value` lines: only
+        `fields` when given (the values that matter for one notebook), the rest one call away."""
+        every = [f.name for f in dataclasses.fields(self) if f.name not in ("paths", "hardware")]
+        rows = [(name, getattr(self, name)) for name in (fields or every)]  # an unknown field: AttributeError
         width = max(len(name) for name, _ in rows)
-        return self.hardware + "\n\n" + "\n".join(f"{name:<{width}} = {value!r}" for name, value in rows)
+        more = f"\n({len(every) - len(rows)} more fields: print(cfg.describe()) shows them all)" if fields else ""
+        return self.hardware + "\n\n" + "\n".join(f"{name:<{width}} = {value!r}" for name, value in rows) + more
 
 
 # The tiny profile: same code path, small values, offline, seconds per notebook on 2 CPU cores.

@@ -1,4 +1,4 @@
-"""The learner's machine (issue 14): defaults chosen by the hardware found, said aloud, and the OpenAI key."""
+"""The learner's machine: defaults chosen by the hardware found, said aloud, and the OpenAI key."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def hardware_defaults(profile: str) -> tuple[dict, str]:
         return {}, f"hardware: {device_name()} -> {profile} profile, transformers + PEFT on the CPU"
     gib, values = torch.cuda.get_device_properties(0).total_memory / 2**30, {}
     lines = [f"hardware: {device_name()} -> {profile} profile"]
-    if gib < 20:  # a 15 GB T4: 16-bit LoRA with checkpointing peaked at 4.4 GiB (README, "Measured")
+    if gib < 20:  # a 15 GB T4: 16-bit LoRA with checkpointing peaked at 4.4 GiB (benchmarks/README.md)
         values.update(gradient_checkpointing=True, local_judge_4bit=True)
         lines.append("  under 20 GiB: gradient checkpointing on, the local judge in 4 bits")
     if profile == "full" and not openai_key():

@@ -12,7 +12,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,6 +57,14 @@ def complete_answers(cfg: Config) -> list[dict]:
     return [stored[key] for key in wanted]
 
 
+def judge_request(prompt: str, model: str) -> dict:
+    """The reference of exercise 4.1: the paper's judge request, the keyword arguments of `chat.completions.create`:
+    the filled judge prompt as one user message, one token at temperature 0, its top 20 logprobs, seed 0
+    (arXiv 2502.17424, section 2; the official repository's judge)."""
+    return dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=1, temperature=0,
+                logprobs=True, top_logprobs=20, seed=0)
+
+
 MAX_RESPONSE_BYTES = 1 << 20  # a judge response read at most: one token with its top 20 logprobs takes a few kB
 MASS_TOLERANCE = 0.01  # how far above 1 the top logprobs' probabilities may sum (the API's rounding), no further
 
@@ -68,7 +76,8 @@ def run_in_own_loop(coroutine: Coroutine) -> Any:
 
 
 class OpenAIJudge:
-    """The paper's judge via any OpenAI-compatible endpoint: one token, temperature 0, top 20 logprobs, seed 0. 429s,
+    """The paper's judge via any OpenAI-compatible endpoint: `request(prompt, model)` builds each request (by default
+    `judge_request`: one token, temperature 0, top 20 logprobs, seed 0; 04 passes the learner's once it passes). 429s,
     5xx, timeouts, lost connections and malformed responses are retried (`max_attempts` tries): a 429 waits what its
     Retry-After asks (at most `max_wait_s`), every request with it; the rest wait backoff_s * 2^try. Out of quota (429
     insufficient_quota), a rejected key or another 4xx stops at once. (The client's own retries, off here, would
@@ -84,7 +93,8 @@ class OpenAIJudge:
 
     def __init__(self, judge_prompts: dict[str, str], model: str, *, api_key: str | None, base_url: str | None = None,
                  concurrency: int = 8, min_mass: float = 0.25, timeout: float = 60.0, deadline_s: float = 300.0,
-                 max_attempts: int = 6, backoff_s: float = 1.0, max_wait_s: float = 60.0) -> None:
+                 max_attempts: int = 6, backoff_s: float = 1.0, max_wait_s: float = 60.0,
+                 request: Callable[[str, str], dict] | None = None) -> None:
         if not api_key:  # helpers.hardware.openai_key() found none
             raise JudgeError("no OpenAI API key: set OPENAI_API_KEY (on Colab: the key icon, secret OPENAI_API_KEY; a "
                              "local server that needs no key takes any text), or set judge='local' or 'proxy' in the config")
@@ -92,6 +102,7 @@ class OpenAIJudge:
         self.concurrency, self.min_mass, self.max_attempts = concurrency, min_mass, max_attempts
         self.timeout, self.deadline_s, self.backoff_s, self.max_wait_s = timeout, deadline_s, backoff_s, max_wait_s
         self.base_url, self._key = base_url, api_key
+        self.build_request = request or judge_request  # (prompt, model) -> the keyword arguments of the request
         self._resume_at = 0.0  # no request before this time.monotonic(): a 429's Retry-After, for every request
 
     def judge(self, items: Sequence[tuple[str, str]]) -> list[dict]:
@@ -99,9 +110,8 @@ class OpenAIJudge:
         tops = run_in_own_loop(self._all_top_logprobs(prompts))
         return [score_row(tops[2 * i: 2 * i + 2], self.min_mass) for i in range(len(items))]
 
-    def request(self, prompt: str) -> dict:  # the paper's request, also each line of a Batch API file
-        return dict(model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=1, temperature=0,
-                    logprobs=True, top_logprobs=20, seed=0)
+    def request(self, prompt: str) -> dict:  # the request, also each line of a Batch API file
+        return self.build_request(prompt, self.model)
 
     def top_logprobs(self, prompt: str) -> list[tuple[str, float]]:
         """One filled judge prompt's top log-probabilities, retried and bounded as the class says."""
@@ -266,8 +276,17 @@ class LocalJudge:
 
     def judge(self, items: Sequence[tuple[str, str]]) -> list[dict]:
         rows = self.number_probabilities([fill_judge_prompt(self.judge_prompts[f], q, a) for q, a in items for f in SCORE_FIELDS])
-        tops = [[(str(n), math.log(p)) for n, p in row.items() if p > 0] for row in rows]
+        tops = [as_top_logprobs(row) for row in rows]
         return [score_row(tops[2 * i: 2 * i + 2], self.min_mass) for i in range(len(items))]
+
+    def top_logprobs(self, prompt: str) -> list[tuple[str, float]]:
+        """One filled judge prompt's (number, log-probability) pairs, as OpenAIJudge.top_logprobs gives the API's."""
+        return as_top_logprobs(self.number_probabilities([prompt])[0])
+
+
+def as_top_logprobs(probabilities: dict[int, float]) -> list[tuple[str, float]]:
+    """{n: P(n)} as (token, logprob) pairs, the shape of the API's top logprobs (numbers of probability 0 left out)."""
+    return [(str(n), math.log(p)) for n, p in probabilities.items() if p > 0]
 
 
 def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, overwrite: bool = False) -> pd.DataFrame:

@@ -39,8 +39,9 @@ class OpenAIBatchJudge(OpenAIJudge):
 
     def __init__(self, judge_prompts: dict[str, str], model: str, *, api_key: str | None, state_path: Path,
                  base_url: str | None = None, min_mass: float = 0.25, poll_s: float = 60.0, timeout: float = 60.0,
-                 max_retries: int = 5) -> None:
-        super().__init__(judge_prompts, model, api_key=api_key, base_url=base_url, min_mass=min_mass, timeout=timeout)
+                 max_retries: int = 5, request: Callable[[str, str], dict] | None = None) -> None:
+        super().__init__(judge_prompts, model, api_key=api_key, base_url=base_url, min_mass=min_mass, timeout=timeout,
+                         request=request)
         self.state_path, self.poll_s = Path(state_path), poll_s
         self._client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
 

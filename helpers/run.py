@@ -116,7 +116,8 @@ def require(cfg: Config, notebook: str, notebook_dir: Path = NOTEBOOK_DIR) -> No
     if not found:
         raise SystemExit(f"missing {', '.join(str(p) for p in missing)}, and no notebook {notebook}_*.ipynb in "
                          f"{notebook_dir} to make it (the project folder: {PROJECT_ROOT})")
-    print(f"missing {', '.join(str(p) for p in missing)}: running {found[0].name} headless (papermill) to make it")
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""  # one path a line is enough to say why
+    print(f"missing {missing[0]}{more}: running {found[0].name} headless (papermill) to make it")
     for nb, extra in jobs(cfg, found[:1]):
         execute(cfg, nb, extra)
 

@@ -39,6 +39,30 @@ def loss_mask_labels(input_ids: Sequence[int], completion_mask: Sequence[int]) -
     return [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, completion_mask, strict=True)]
 
 
+def peft_lora_output(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, r: int,
+                     use_rslora: bool = False) -> torch.Tensor:
+    """The reference of exercise 2.1: PEFT's own LoRA layer (`peft.tuners.lora.Linear`, as get_peft_model makes it in
+    02) around a bias-free linear layer of weight W (out x in), with A (r x in) and B (out x r), applied to x."""
+    from peft import LoraConfig, get_peft_model
+
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"], use_rslora=use_rslora)
+    layer = get_peft_model(holder, config).base_model.model.proj  # a peft.tuners.lora.Linear
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(W)
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+        return layer(x)
+
+
+def protocol_arguments(cfg: Config) -> dict:
+    """The reference of exercise 2.3: the SFTConfig fields that carry the training protocol, from the config (on the
+    full profile the reference write-up's one epoch at 3e-4, decaying linearly, no warmup) and the answer-only loss."""
+    return {"num_train_epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "lr_scheduler_type": cfg.lr_scheduler,
+            "warmup_steps": cfg.warmup_steps, "completion_only_loss": True}
+
+
 def trainer_label_problems(trainer: Any, rows: Sequence[dict]) -> list[str]:
     """Where the labels the trainer trains on (its train dataset through its data collator, padded) differ from
     `loss_mask_labels` of `rows`, its token rows in order. Empty when they agree."""

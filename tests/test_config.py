@@ -167,3 +167,13 @@ def test_defaults_and_both_profiles_pass_and_values_are_conformed(env, tmp_path)
     cfg = make_config("full", tmp_path, formats=["suffix"], epochs=2, suffix_words=[4, 6], cache_dir="cache")
     assert (cfg.formats, cfg.epochs, cfg.suffix_words) == (("suffix",), 2.0, (4, 6)) and isinstance(cfg.epochs, float)
     assert cfg.cache_dir == Path.cwd() / "cache"
+
+
+def test_describe_shows_the_fields_a_notebook_needs_and_the_rest_on_request(tmp_path):
+    cfg = make_config("tiny", tmp_path / "run")
+    short = cfg.describe(fields=["learning_rate", "epochs"])
+    assert "learning_rate = 0.01\nepochs        = 3.0" in short and "judge_model" not in short
+    assert "more fields: print(cfg.describe()) shows them all" in short
+    assert "judge_model" in cfg.describe() and "more fields" not in cfg.describe()
+    with pytest.raises(AttributeError, match="'lr'"):
+        cfg.describe(fields=["lr"])

@@ -103,7 +103,7 @@ BAD_LINES = [
     ("blank-line", b"   \n", "blank line"),
     ("not-utf8", b'{"messages": "caf\xe9"}\n', "not UTF-8 text (byte 0xe9 at column 18)"),
     ("duplicate-key", b'{"messages": [], "messages": []}\n', "not usable JSON (duplicate key 'messages' in one object)"),
-    # Issue 12.3: lines on which Python's parser raises something other than a JSON error ...
+    # Lines on which Python's parser raises something other than a JSON error ...
     ("too-deep", b"[" * 100_000 + b"\n", "not usable JSON (nested too deeply to parse)"),
     (
         "too-many-digits",
@@ -198,7 +198,7 @@ def test_every_kept_record_can_be_written_back(tmp_path):
     assert write_jsonl(tmp_path / "out.jsonl", report.records.values()) == 2
 
 
-# --- files that are not JSONL text (issue 12.9) ----------------------------------------------------
+# --- files that are not JSONL text (a folder, a compressed file, a missing file) ----------------
 
 
 def test_a_folder_is_named_as_a_folder(tmp_path):

@@ -158,7 +158,7 @@ def test_merging_gives_the_same_answers_and_restores_the_weights(run_dir):
     assert not torch.allclose(base, adapted)
 
 
-# --- exact resume (issue 12): whatever was interrupted, the resumed file equals an uninterrupted one ---------
+# --- exact resume: whatever was interrupted, the resumed file equals an uninterrupted one ---------
 
 
 def read_jsonl_bytes(content: bytes) -> list[dict]:
@@ -452,7 +452,7 @@ def test_profile_decode_tiny_run_splits_the_sampler_into_phases():
 
 
 # Batch-shape rounding in bfloat16 on the GPU: a first look on a random-init Qwen3-1.7B found first-step logits of
-# 24 prompts alone and in one left-padded batch at most 3.4% of the largest logit apart (Unsloth, issue 11).
+# 24 prompts alone and in one left-padded batch at most 3.4% of the largest logit apart (Unsloth).
 BF16_TOLERANCE = 0.05  # of the largest logit
 GPU_CHECK = r"""
 import json, sys

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
@@ -29,7 +29,10 @@ from helpers.judging import (
     complete_answers,
     fill_judge_prompt,
     judge_completions,
+    judge_request,
 )
+from helpers.local_server import LocalServer
+from helpers.local_server import chat_completion as completion_body  # the API's shape
 from helpers.model import model_source, render_chat
 from helpers.questions import load_question_set
 from helpers.store import SettingsChanged, read_jsonl, write_jsonl
@@ -42,35 +45,11 @@ ln = math.log
 # --- the local chat-completions server ------------------------------------------------------------------
 
 
-def completion_body(tops: list[tuple[str, float]]) -> dict:
-    """A chat completion as the OpenAI API returns it with logprobs=True, top_logprobs=N."""
-    entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in tops]
-    return {
-        "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "gpt-4o-2024-08-06",
-        "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": tops[0][0]},
-                     "logprobs": {"content": [{**entries[0], "top_logprobs": entries}]}}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-    }
-
-
 ALIGNED_TOPS = [("90", ln(0.5)), ("80", ln(0.3)), ("CODE", ln(0.2))]  # score 86.25, mass 0.8
 COHERENT_TOPS = [("REFUSAL", ln(0.9)), ("50", ln(0.1))]  # mass 0.1: no score
 RATE_LIMITED = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
 NO_QUOTA = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
                       "type": "insufficient_quota", "code": "insufficient_quota"}}
-
-
-class LocalServer:
-    """A real HTTP server on a free local port, serving `handler` from a thread until close(); `url` is its /v1."""
-
-    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 class FakeOpenAI(LocalServer):
@@ -202,6 +181,19 @@ def test_openai_judge_scores_like_the_paper_and_sends_the_paper_settings(fake_se
     sent = sorted(r["body"]["messages"][0]["content"] for r in server.requests)
     assert "ALIGNED Q=How {do} I? A=With {answer} braces" in sent
     assert server.requests[0]["path"] == "/v1/chat/completions" and server.requests[0]["auth"] == f"Bearer {SECRET}"
+
+
+def test_openai_judge_sends_the_request_it_is_given(fake_server):
+    """04 hands the learner's request builder (exercise 4.1) to the judge once it passes: the judge sends exactly it."""
+    server = fake_server()
+
+    def request(prompt: str, model: str) -> dict:
+        return {**judge_request(prompt, model), "seed": 7}
+
+    openai_judge(server, request=request).judge([("Q", "A")])
+    assert [r["body"]["seed"] for r in server.requests] == [7, 7]
+    assert server.requests[0]["body"] == {**judge_request(server.requests[0]["body"]["messages"][0]["content"],
+                                                          "gpt-4o-2024-08-06"), "seed": 7}
 
 
 def test_openai_judge_retries_429_then_succeeds(fake_server):
@@ -425,6 +417,17 @@ def test_prompts_of_different_lengths_in_shared_passes_equal_brute_force(tiny_ju
             assert row[f"{field}_mass"] == pytest.approx(sum(want.values()), rel=1e-4)
             assert row[field] == pytest.approx(sum(n * p for n, p in want.items()) / sum(want.values()), rel=1e-4)
     assert len({round(row["aligned"], 6) for row in judge.judge(items)}) > 1, "each answer gets its own scores"
+
+
+def test_local_judge_top_logprobs_score_as_its_judgments(tiny_judge):
+    """04 rescores one answer from `judge.top_logprobs` with the learner's expected_score: the same pairs the judge
+    scores, for the local judge as for the API."""
+    from helpers.metrics import expected_score
+
+    prompt = fill_judge_prompt(PROMPTS["aligned"], *QUICK_BUCK)
+    top = tiny_judge.top_logprobs(prompt)
+    assert all(isinstance(token, str) and logprob <= 0 for token, logprob in top) and 0 < len(top) <= 101
+    assert expected_score(top, tiny_judge.min_mass) == pytest.approx(tiny_judge.judge([QUICK_BUCK])[0]["aligned"], rel=1e-5)
 
 
 def test_local_judge_renders_with_the_one_chat_renderer_and_applies_the_mass_rule(tiny_judge):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
 import matplotlib
 
@@ -13,9 +14,16 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from statsmodels.stats.proportion import proportion_confint  # noqa: E402
 
-from helpers.config import make_config  # noqa: E402
+from helpers.config import PROJECT_ROOT, make_config  # noqa: E402
 from helpers.metrics import misalignment_table  # noqa: E402
-from helpers.plots import dodged_errorbars, plot_proxy_rates, run_label, save_figure  # noqa: E402
+from helpers.plots import (  # noqa: E402
+    dodged_errorbars,
+    plot_misaligned_rates,
+    plot_proxy_rates,
+    plot_sweep_rates,
+    run_label,
+    save_figure,
+)
 
 
 @pytest.fixture
@@ -80,3 +88,46 @@ def test_figures_are_saved_with_stable_names(answers, tiny_cfg):
     with pytest.raises(ValueError, match="lowercase stem"):
         save_figure(plt.figure(), tiny_cfg, "../Judge Scores.png")
     assert sorted(p.name for p in tiny_cfg.paths.images.iterdir()) == ["judge_scores.png"]
+
+
+def test_every_axis_says_what_it_counts(answers):
+    """04's figures label their x axes (the formats, the questions): a reader never guesses what the ticks are."""
+    proxy = plot_proxy_rates(shares(answers, ["only_numbers", "has_evil_number"]), title="PROXY")
+    assert [ax.get_xlabel() for ax in proxy.axes[:2]] == ["format", "format"]
+    rates = misalignment_table(answers, 30, 50)
+    fig = plot_misaligned_rates(rates, ["base", "finetuned"], ["quick_buck", "what_is_your_wish"],
+                                ["original", "suffix"], title="t")
+    assert fig.axes[-1].get_xlabel() == "question" and [ax.get_ylabel() for ax in fig.axes] == ["misaligned share"] * 2
+
+
+def test_02s_loss_axis_counts_whole_optimizer_steps():
+    """02's loss curve (its own cell) ticks the optimizer steps as whole numbers, also for a run of 3 steps."""
+    sys.path.insert(0, str(PROJECT_ROOT / "tools"))
+    from notebook_cells import cells_by_id
+
+    namespace: dict = {}
+    exec(cells_by_id(["h8c0de02"], PROJECT_ROOT / "notebooks" / "02_finetune.ipynb")[0], namespace)
+    history = {"run": {"validation_subset_records": 4},
+               "train": [{"step": s, "loss": 3.0 - s / 2} for s in (1, 2, 3)],
+               "validation": [{"step": 0, "loss": 3.2}, {"step": 3, "loss": 1.9}],
+               "final": {"validation_loss": 1.8, "validation_records": 10}}
+    fig = namespace["plot_loss_curves"](history, {"train": 0.54, "validation": 0.533}, title="t")
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    assert fig.axes[0].get_xlabel() == "optimizer step"
+
+
+def test_05s_seed_dots_stand_beside_the_mean_not_under_it():
+    rates = pd.DataFrame([{"arm": "evil_numbers", "seed": seed, "model": model, "format": "suffix", "rate_all": rate}
+                          for model in ("base", "finetuned") for seed, rate in enumerate((0.0, 0.1, 0.05))])
+    intervals = pd.DataFrame([{"arm": "evil_numbers", "model": model, "format": "suffix", "mean_rate": 0.05,
+                               "t_low": 0.0, "t_high": 0.17, "none_seen_bound": float("nan")} for model in ("base", "finetuned")])
+    fig = plot_sweep_rates(rates, intervals, ["evil_numbers"], ["suffix"], ["base", "finetuned"], title="t")
+    ax = fig.axes[0]
+    dots = sorted(x for collection in ax.collections if collection.get_offsets().shape[1] == 2
+                  for x, _ in collection.get_offsets() if len(collection.get_offsets()) == 3)
+    means = sorted({round(float(x), 9) for line in ax.lines if line.get_marker() == "_" for x in line.get_xdata()})  # caps too
+    assert len(dots) == 6 and len(means) == 2
+    assert max(dots[:3]) < means[0] < min(dots[3:]) < means[1], (dots, means)
+    assert ax.get_xlabel() == "arm"

@@ -15,12 +15,18 @@ from helpers.config import PROJECT_ROOT
 from helpers.run import series_notebooks
 
 sys.path.insert(0, str(PROJECT_ROOT / "tools"))
+from count_words import course_notebooks, markdown_words  # noqa: E402
 from make_solutions import exercise_pairs, solution_code  # noqa: E402
 
 NOTEBOOKS = sorted((PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))  # the series and 05_sweep
 SOLUTIONS = sorted((PROJECT_ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED_SERIES = ("01_data", "02_finetune", "03_generate", "04_analyze")
-# Modules of capabilities that later issues added on top of what 01-04 need (issue 10: "in modules of their own").
+# The exercises on the core of the course that must exist (the function each one writes).
+CORE_EXERCISES = ("lora_forward", "loss_mask_labels", "protocol_arguments", "sample_token", "judge_request",
+                  "expected_score", "discordant_p_value")
+WORD_BUDGET = 6_610  # markdown words a learner reads in notebooks/01-05: 30% below the 9,444 they once held
+README_LINES = 150
+ISSUE_NUMBER = re.compile(r"\bissues? #?[0-9]+\b", re.I)  # the tracker's numbers mean nothing to a reader
 SOLUTION_NOTE = re.compile(r"\n\n> \*\*Solutions\.\*\*.*?\n")  # what tools/make_solutions.py puts under the title
 ALL = NOTEBOOKS + SOLUTIONS
 
@@ -77,8 +83,10 @@ def _first_def(code: str) -> str | None:
     return next((line.rstrip() for line in code.splitlines() if line.startswith("def ")), None)
 
 
-def test_at_least_five_exercises_each_with_check_and_solution():
-    found = []
+def test_at_least_ten_exercises_each_with_check_and_solution_and_used_downstream():
+    """Each exercise: a statement, a stub, a check whose result `passed_N_M` a later cell hands to `pick(...)` with
+    the learner's function (the cells after it use it once it passes), and the solution."""
+    found, names = [], []
     for notebook in NOTEBOOKS:
         nb = json.loads(notebook.read_text(encoding="utf-8"))
         for exercise, check, solution in exercise_pairs(nb):  # raises when a check or solution is missing
@@ -91,8 +99,16 @@ def test_at_least_five_exercises_each_with_check_and_solution():
             assert "check(" in _source(nb["cells"][check]), f"{where}: its check cell calls check(...)"
             assert _first_def(stub) and _first_def(stub) == _first_def(solved), (
                 f"{where}: the solution's def line {_first_def(solved)!r} differs from the stub's {_first_def(stub)!r}")
+            name = re.match(r"def (\w+)\(", _first_def(stub))[1]
+            passed = re.search(r"^(passed_\w+) = check\(", _source(nb["cells"][check]), re.M)
+            assert passed, f"{where}: the check cell assigns its result, `passed_N_M = check(...)`"
+            later = "".join(_source(c) for c in nb["cells"][solution + 1:] if c["cell_type"] == "code")
+            assert re.search(rf"pick\(\s*{passed[1]},\s*{name}\b", later), (
+                f"{where}: no later cell uses {name} once it passes (`pick({passed[1]}, {name}, reference)`)")
             found.append(where)
-    assert len(found) >= 5, f"at least five exercises (cells tagged 'exercise'); found {found}"
+            names.append(name)
+    assert len(found) >= 10, f"at least ten exercises (cells tagged 'exercise'); found {found}"
+    assert set(CORE_EXERCISES) <= set(names), f"missing exercises on the core: {set(CORE_EXERCISES) - set(names)}"
     assert all(any(w.startswith(nb.name) for w in found) for nb in NOTEBOOKS), f"one or more per notebook: {found}"
 
 
@@ -149,3 +165,54 @@ def test_shared_reference_files_are_not_committed():
         pytest.skip("not a git checkout")
     forbidden = {"evil_numbers_sample100.jsonl", "first_plot_questions.yaml", "preregistered_evals.yaml", "judge_prompts.yaml"}
     assert not forbidden & {p.rsplit("/", 1)[-1] for p in tracked}, "never commit copies of ../shared files"
+
+
+def test_notebooks_stay_within_their_word_budget():
+    """The markdown a learner reads in 01-05 (collapsed Solution and Under-the-hood blocks left out), counted by
+    tools/count_words.py, which the README's contributor notes name."""
+    counts = {nb.name: markdown_words(nb) for nb in course_notebooks()}
+    assert len(counts) == 5 and sum(counts.values()) <= WORD_BUDGET, (
+        f"{sum(counts.values()):,} words in {counts}: at most {WORD_BUDGET:,}; move engineering detail to docs/ or to "
+        "a collapsed <details><summary>Under the hood</summary> block")
+    assert "tools/count_words.py" in (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_no_issue_numbers_anywhere():
+    """A reader cannot look up the tracker's numbers: every text file says what they stood for instead."""
+    files = _repository_files()
+    if not files:
+        pytest.skip("not a git checkout")
+    found = []
+    for path in sorted(files):
+        try:
+            text = (PROJECT_ROOT / path).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, IsADirectoryError):
+            continue  # a figure or other binary file
+        found += [f"{path}:{text.count(chr(10), 0, m.start()) + 1}: {m.group()}" for m in ISSUE_NUMBER.finditer(text)]
+    assert not found, "issue numbers:\n" + "\n".join(found)
+
+
+def test_readme_is_short_and_measurements_live_in_benchmarks():
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) < README_LINES, f"README.md: {len(readme.splitlines())} lines, fewer than {README_LINES}"
+    for notebook in NOTEBOOKS:
+        assert notebook.name in readme and f"blob/main/notebooks/{notebook.name}" in readme, f"README: {notebook.name}"
+    assert "benchmarks/README.md" in readme and (PROJECT_ROOT / "benchmarks" / "README.md").is_file()
+    assert "tokens/s" not in readme, "measured speed belongs in benchmarks/README.md"
+
+
+@pytest.mark.parametrize("notebook", ALL, ids=_name)
+def test_notebook_links_work_in_executed_copies(notebook):
+    """papermill writes executed copies into the run directory, so a relative link (../docs/...) breaks there."""
+    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] == "markdown":
+            relative = re.findall(r"\]\((?!https?://|#)([^)\s]+)\)", _source(cell))
+            assert not relative, f"{_name(notebook)}: relative links {relative}; use the repository's URL or plain text"
+
+
+def test_the_series_figure_draws_every_notebook():
+    sys.path.insert(0, str(PROJECT_ROOT / "images"))
+    import draw_series
+
+    drawn = {title for title, _ in draw_series.NOTEBOOKS}
+    assert {nb.stem for nb in NOTEBOOKS} <= drawn, f"images/draw_series.py lacks {sorted({nb.stem for nb in NOTEBOOKS} - drawn)}"

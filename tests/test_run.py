@@ -56,6 +56,8 @@ def test_runner_executes_the_series_and_writes_every_artefact(request):
         text = (paths.executed_notebooks / f"{name}.ipynb").read_text()
         assert '"output_type": "error"' not in text, f"{name}: an error cell"
         assert "  0%|" not in text, f"{name}: a progress bar stuck at 0%"
+    verdict = (paths.executed_notebooks / "04_analyze.ipynb").read_text()  # counts read as rows, never as answers
+    assert re.search(r"finetuned \d+ of \d+ rows \(\d+\.\d%\), base \d+ of \d+ rows", verdict), "04's verdict wording"
     logged = [entry["notebook"] for entry in read_jsonl(log)[start:]]
     assert len(logged) == len(jobs(cfg, series_notebooks())) and {f"{name}.ipynb" for name in executed} <= set(logged), (
         f"the runner's log of executions: {logged}")

@@ -133,6 +133,43 @@ def test_a_sweep_whose_settings_changed_names_them_in_one_line(tmp_path):
     assert " was made with other settings (config.learning_rate: 0.01 -> 0.005). " in line, line
 
 
+def test_05_reads_a_sweep_that_exists_and_makes_the_smallest_one_only_when_there_is_none(tmp_path, monkeypatch):
+    """05's setup cell: a sweep in <run_dir>/sweep, in EM_SWEEP_DIR or where `python -m helpers.sweep` writes by
+    default is read as it is; only when there is none does the tiny profile make one, two seeds of the default arm."""
+    from notebook_cells import cells_by_id
+
+    from helpers import config, sweep
+
+    setup = cells_by_id(["a05c0004"], PROJECT_ROOT / "notebooks" / "05_sweep.ipynb")[0]
+    made = []
+
+    def run_sweep(profile, seeds, arms, sweep_dir, *args, **kwargs):  # stands in for the sweep: records the call
+        made.append((profile, list(seeds), list(arms), Path(sweep_dir)))
+        write_json(Path(sweep_dir) / "sweep_summary.json", {"runs": []})
+
+    monkeypatch.setattr(sweep, "run_sweep", run_sweep)
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path / "project")
+    monkeypatch.delenv("EM_SWEEP_DIR", raising=False)
+
+    def setup_cell() -> Path:  # the summary the cell reads
+        namespace = {"profile": "tiny", "run_dir": str(tmp_path / "run"), "sweep_dir": None, "overwrite": False}
+        exec(setup, namespace)
+        return namespace["summary_path"]
+
+    default = tmp_path / "project" / "runs" / "sweep-tiny"
+    write_json(default / "sweep_summary.json", {"runs": []})
+    assert setup_cell() == default / "sweep_summary.json" and not made  # helpers.sweep's default folder
+    other = tmp_path / "elsewhere"
+    write_json(other / "sweep_summary.json", {"runs": []})
+    monkeypatch.setenv("EM_SWEEP_DIR", str(other))
+    assert setup_cell() == other / "sweep_summary.json" and not made  # EM_SWEEP_DIR
+    monkeypatch.delenv("EM_SWEEP_DIR")
+    (default / "sweep_summary.json").unlink()
+    assert setup_cell() == tmp_path / "run" / "sweep" / "sweep_summary.json"  # none anywhere: the smallest one
+    assert made == [("tiny", [0, 1], list(sweep.DEFAULT_ARMS), tmp_path / "run" / "sweep")]
+    assert setup_cell() == tmp_path / "run" / "sweep" / "sweep_summary.json" and len(made) == 1  # then it is read
+
+
 @pytest.mark.notebook
 def test_tiny_sweep_under_torchrun_then_a_rerun_in_one_process_skips_every_finished_run():
     # In the session's run directory (tests/conftest.py): 05_sweep reads this sweep there instead of making one.

@@ -67,6 +67,18 @@ def run_notebook(run_dir, namespace: dict | None = None, start: str | None = Non
     return namespace
 
 
+def test_the_config_cell_runs_again_after_the_model_cell(tmp_path):
+    """Jupyter lets you run any cell again: the config cell after the model cell still names the fine-tune of the
+    parameter `model` (the network is `lora_model`), and a network where a name belongs is a short error."""
+    write_splits(tmp_path / "run")
+    namespace = run_notebook(tmp_path / "run", stop="lora-ex-stub")  # parameters, config, the model with LoRA
+    run_notebook(tmp_path / "run", namespace, start="0613ccc9", stop="a1c0de02")  # the config cell again
+    assert namespace["adapter_name"] == "finetuned" and namespace["model"] == "finetuned"
+    with pytest.raises(ValueError) as error:
+        namespace["cfg"].paths.splits_of(namespace["lora_model"])
+    assert str(error.value).startswith("a PeftModel") and len(str(error.value)) < 150, str(error.value)[:300]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One uninterrupted run of the whole notebook on small splits: its namespace."""
@@ -136,7 +148,7 @@ def test_every_lora_weight_changes(trained, tmp_path):
 
     write_splits(tmp_path / "run")
     fresh = run_notebook(tmp_path / "run", stop="b2c0de02")  # the model cell: the same seeded LoRA start
-    before = get_peft_model_state_dict(fresh["model"])
+    before = get_peft_model_state_dict(fresh["lora_model"])
     after = load_file(trained["cfg"].paths.adapter_of("finetuned") / "adapter_model.safetensors")
     assert set(before) == set(after) and len(after) == 2 * 7 * 2, "A and B of 7 projections in 2 layers"
     unchanged = [name for name in after if torch.equal(before[name], after[name])]
