@@ -104,7 +104,7 @@ def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[in
                 min_new_tokens: int = 0,
                 on_finished: Callable[[list[int], list[tuple[list[int], bool]]], None] | None = None,
                 logits_processor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                sampler: Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor] = draw,
+                sampler: Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor] | None = None,
                 ) -> list[tuple[list[int], bool]]:
     """Sample one answer per prompt (token ids, each at least 2 tokens), admitted in the order given, at most
     `batch_size` decoding at once. Returns per prompt (answer ids before the stop token, finished), finished False
@@ -112,7 +112,7 @@ def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[in
     `min_tokens`: 1 makes every answer at least one token long). `on_finished(indices, answers)` hears each group
     of answers as it completes (in prompt order within a group); `logits_processor(prompt indices, steps, logits)
     -> logits` may change the logits before each draw (the benchmark forces answer lengths there; an ended row's
-    step is max_new_tokens); the stop tokens are barred after it. `sampler` draws the tokens (`draw`'s arguments)."""
+    step is max_new_tokens); the stop tokens are barred after it. `sampler` draws the tokens (None: `draw`)."""
     if short := [index for index, prompt in enumerate(prompts) if len(prompt) < 2]:
         raise ValueError(f"sample_rows: prompts {short[:5]} have fewer than 2 tokens")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -183,7 +183,7 @@ def sample_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[in
             logits = logits_processor(rows, steps.masked_fill(~live, max_new_tokens), logits)
         if min_new_tokens:  # no stop token before min_new_tokens answer tokens
             logits[:, stops] = torch.where((steps < min_new_tokens)[:, None], float("-inf"), logits[:, stops])
-        last = sampler(logits, uniforms[rows, steps.clamp_max(max_new_tokens - 1)], temperature, top_p)
+        last = (sampler or draw)(logits, uniforms[rows, steps.clamp_max(max_new_tokens - 1)], temperature, top_p)
         positions = positions + 1
         # Store the draws of live rows (no boolean indexing: its result's size would make the CPU wait for the GPU)
         written = (rows, steps.clamp_max(max_new_tokens - 1))
