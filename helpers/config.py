@@ -103,6 +103,10 @@ _ARTEFACTS = {
     "executed_notebooks": "notebooks",
     "executions": "notebooks/executions.jsonl",  # a line per notebook the runner executed: parameters, seconds
     "images": "images",  # figures of this run (the committed ones in images/ are never overwritten)
+    "activations": "directions/activations",  # 07: residual streams averaged over answer tokens, a folder per reader
+    "steered": "directions/steered.jsonl",  # 07: answers with the direction added or ablated
+    "steered_judgments": "directions/steered_judgments.jsonl",
+    "directions_summary": "directions/summary.json",
 }
 
 
