@@ -144,14 +144,21 @@ def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype
     return Path(out_dir)
 
 
-def parameter_count(shape: str) -> int:
-    """The parameters of the Qwen3 named `shape` (a key of QWEN3_SHAPES), tied embeddings once: counted on a model
-    built on PyTorch's meta device (no memory, no weights)."""
-    from transformers import Qwen3ForCausalLM
+def parameter_count(name: str) -> int:
+    """The parameters of a Qwen3 named by a key of QWEN3_SHAPES, or saved in a folder (its config.json: a random-init
+    model of build_random_qwen3), tied embeddings once: counted on a model built on PyTorch's meta device (no memory,
+    no weights). ValueError for any other name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    vocab_size = len(build_tiny_tokenizer()) if shape in TINY_MODELS else QWEN3_VOCAB
+    if name in QWEN3_SHAPES:
+        config = qwen3_config(len(build_tiny_tokenizer()) if name in TINY_MODELS else QWEN3_VOCAB, 0, 0, shape=name)
+    elif (Path(name) / "config.json").is_file():
+        config = AutoConfig.from_pretrained(name)
+    else:
+        raise ValueError(f"model {name!r}: neither a known Qwen3 shape ({', '.join(QWEN3_SHAPES)}) nor a folder with a "
+                         "config.json (a random-init model of helpers.model.build_random_qwen3)")
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(qwen3_config(vocab_size, 0, 0, shape=shape))
+        model = AutoModelForCausalLM.from_config(config)
     return sum(parameter.numel() for parameter in model.parameters())
 
 

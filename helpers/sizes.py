@@ -39,17 +39,15 @@ MEASURED = {
 
 
 def slug(model_name: str) -> str:
-    """The folder name of a model in a sweep: the last part of its name, "Qwen3-1.7B", "tiny-random-qwen3"."""
+    """The folder name of a model in a sweep: the last part of its name or folder, "Qwen3-1.7B", "tiny-random-qwen3"."""
     return model_name.rstrip("/").rsplit("/", 1)[-1]
 
 
 @cache
 def parameters(model_name: str) -> int:
-    """The parameters of a known Qwen3 shape (helpers.model.QWEN3_SHAPES); ValueError naming the known ones."""
-    from helpers.model import QWEN3_SHAPES, parameter_count
+    """The parameters of a known Qwen3 shape or of a model folder (helpers.model.parameter_count)."""
+    from helpers.model import parameter_count
 
-    if model_name not in QWEN3_SHAPES:
-        raise ValueError(f"model {model_name!r} has no known shape: the sweep's sizes are {', '.join(QWEN3_SHAPES)}")
     return parameter_count(model_name)
 
 

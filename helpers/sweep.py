@@ -107,6 +107,13 @@ def plan(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Pat
         raise ValueError(f"seeds {list(seeds)}: give one or more distinct seeds")
     cfg = make_config(profile, sweep_dir)
     models = list(dict.fromkeys(models or [cfg.model_name]))
+    if len({sizes.slug(model) for model in models}) < len(models):
+        raise ConfigError(f"--models {' '.join(models)}: two end in the same name, and each needs a folder of its own")
+    for model in models:
+        try:
+            sizes.parameters(model)
+        except ValueError as error:  # neither a known shape nor a model folder
+            raise ConfigError(f"--models: {error}") from None
     card = card_gib or sizes.card_gib()
     sized = {model: {"model_name": model, "load_in_4bit": sizes.needs_4bit(model, card)} for model in models}
     teachers = {model: RunPaths(Path(sweep_dir) / sizes.slug(model) / TEACHERS_RUN) for model in models}
@@ -371,9 +378,9 @@ def sweep_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="default: 0 .. 7")
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(DEFAULT_ARMS),
                         help=f"default: {' '.join(DEFAULT_ARMS)}")
-    parser.add_argument("--models", nargs="+", metavar="MODEL", choices=list(QWEN3_SHAPES),
-                        help="model sizes, each with every arm, e.g. Qwen/Qwen3-0.6B Qwen/Qwen3-1.7B (tiny: tiny-random-qwen3 "
-                             "tiny-random-qwen3-wide); default: the profile's model")
+    parser.add_argument("--models", nargs="+", metavar="MODEL",
+                        help=f"model sizes, each with every arm: {' '.join(QWEN3_SHAPES)}, or folders of random-init "
+                             "models (helpers.model.build_random_qwen3); default: the profile's model")
     parser.add_argument("--card-gib", type=float, help="GPU memory that decides 4-bit loading per size (helpers.sizes); "
                                                        "default: this machine's card, else 80")
     parser.add_argument("--run-dir", type=Path, help="the sweep directory; default runs/sweep-<profile>")

@@ -61,7 +61,7 @@ def load_teacher(cfg: Config) -> tuple[Any, Any]:
 
     from helpers.model import check_adapter, load_for_generation
 
-    adapters = {} if cfg.teacher_checkpoint == "base" else {cfg.teacher_checkpoint: cfg.paths.adapter_of(cfg.teacher_checkpoint)}
+    adapters = {name: cfg.paths.adapter_of(name) for name in teacher_adapters(cfg) if name != "misaligned_ft"}
     model, tokenizer = load_for_generation(cfg, adapters)
     if adapters:
         model = model.merge_and_unload()  # the tiny teacher: the random model with 02's fine-tune folded in
@@ -86,14 +86,8 @@ def as_teacher(model: Any, teacher: str, merge: bool = False) -> Iterator[None]:
         yield
 
 
-def statistics_config(cfg: Config, teacher: str) -> dict:
-    """The config fields of the run folder in which 01 reads `teacher`'s dataset (cfg.run_dir/teacher-data/<teacher>):
-    its data only, no control and no positive control."""
-    return {"dataset_source": teacher, "dataset_path": str(cfg.paths.teacher_dataset_of(teacher)), "control_arm": False,
-            "positive_controls": False}
-
-
 def statistics_run(cfg: Config, teacher: str) -> Path:
+    """The run folder in which 01 reads `teacher`'s dataset."""
     return cfg.run_dir / "teacher-data" / teacher
 
 
@@ -104,7 +98,9 @@ def run_statistics(cfg: Config, teacher: str) -> Path:
     from helpers.run import NOTEBOOK_DIR, execute
     from helpers.sweep import config_environment
 
-    folder, fields = statistics_run(cfg, teacher), statistics_config(cfg, teacher)
+    folder = statistics_run(cfg, teacher)
+    fields = {"dataset_source": teacher, "dataset_path": str(cfg.paths.teacher_dataset_of(teacher)),
+              "control_arm": False, "positive_controls": False}  # the teacher's data only: no control, no positive control
     with config_environment(fields):
         look = make_config(cfg.profile, folder)
     made_from = recorded_settings(look.paths.data_report).get("dataset_blob_id")

@@ -5,12 +5,14 @@ each tiny shape built in its own folder."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
 from helpers import sizes
-from helpers.config import TINY_MODEL, make_config
-from helpers.model import QWEN3_SHAPES, TINY_WIDE_MODEL, model_source
+from helpers.config import PROJECT_ROOT, TINY_MODEL, ConfigError, make_config
+from helpers.model import QWEN3_SHAPES, TINY_WIDE_MODEL, build_random_qwen3, model_source
 from helpers.sweep import cost_table, plan
 
 # Qwen's model cards on the Hugging Face hub: parameters in all, and without the embeddings, in billions.
@@ -33,7 +35,7 @@ def test_the_card_decides_4_bit_loading_and_the_tiny_models_never_need_it():
     assert not sizes.needs_4bit("Qwen/Qwen3-14B", 80) and sizes.needs_4bit("Qwen/Qwen3-32B", 80)  # 29.5 vs 65.5 GB
     assert not sizes.needs_4bit("Qwen/Qwen3-4B", 24) and sizes.needs_4bit("Qwen/Qwen3-8B", 24)  # a 24 GB card
     assert sizes.needs_4bit("Qwen/Qwen3-1.7B", 8) and not sizes.needs_4bit(TINY_WIDE_MODEL, 0.001)
-    with pytest.raises(ValueError, match="no known shape: the sweep's sizes are tiny-random-qwen3, "):
+    with pytest.raises(ValueError, match=r"'Qwen/Qwen3-3B': neither a known Qwen3 shape \(tiny-random-qwen3, "):
         sizes.parameters("Qwen/Qwen3-3B")
 
 
@@ -54,6 +56,20 @@ def test_plan_repeats_every_arm_on_each_model_with_one_recipe_and_teachers_first
     assert runs[0].overrides == {"model_name": "Qwen/Qwen3-0.6B", "load_in_4bit": False, "control_arm": False}
     assert runs[2].group == "Qwen3-0.6B/evil_numbers"
     assert [r.name for r in plan("tiny", [3], ["evil_numbers"], tmp_path)] == [f"{TINY_MODEL}/evil_numbers/seed-3"]
+    with pytest.raises(ConfigError, match="two end in the same name"):
+        plan("full", [0], ["evil_numbers"], tmp_path, ["Qwen/Qwen3-4B", str(tmp_path / "Qwen3-4B")])
+
+
+def test_a_folder_of_a_random_init_model_is_a_size_too(tmp_path):
+    """How a GPU without internet sweeps sizes: random-init models of the Qwen3 shapes, built into folders."""
+    folder = build_random_qwen3(tmp_path / "random" / "wide", shape=TINY_WIDE_MODEL)
+    assert sizes.parameters(str(folder)) == sizes.parameters(TINY_WIDE_MODEL)
+    [run] = plan("tiny", [0], ["evil_numbers"], tmp_path / "sweep", [str(folder)])
+    assert run.name == "wide/evil_numbers/seed-0" and run.overrides["model_name"] == str(folder)
+    command = [sys.executable, "-m", "helpers.sweep", "--profile", "tiny", "--plan", "--models", "Qwen/Qwen3-3B"]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("--models: model 'Qwen/Qwen3-3B': neither a known Qwen3 shape")
 
 
 def test_the_projection_uses_measured_pieces_and_names_the_missing_ones(tmp_path, monkeypatch):
