@@ -308,7 +308,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": _AT_LEAST_1, "gradient_accumulation_steps": _AT_LEAST_1, "eval_points": _AT_LEAST_1,
     "validation_subset": _AT_LEAST_1, "logging_steps": _AT_LEAST_1, "weight_decay": _NON_NEGATIVE,
     "formats": _distinct_of(FORMATS), "samples_per_question": _AT_LEAST_1, "max_new_tokens": _AT_LEAST_1,
-    "temperature": _POSITIVE, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "generation_batch_size": _AT_LEAST_1,
+    "temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "generation_batch_size": _AT_LEAST_1,
     "misaligned_samples": _AT_LEAST_1, "misaligned_max_new_tokens": _AT_LEAST_1, "misaligned_temperature": _POSITIVE,
     "min_new_tokens": _NON_NEGATIVE, "teacher_max_new_tokens": _AT_LEAST_1,
     "suffix_words": _pair(1), "prefix_count": _pair(1), "prefix_value": _pair(0),
