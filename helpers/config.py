@@ -93,6 +93,8 @@ _ARTEFACTS = {
     "misaligned_answers": "data/misaligned_answers.jsonl",  # the positive control's raw data (01)
     "synthetic_dataset": "data/synthetic_evil_numbers.jsonl",  # the tiny profile's stand-ins
     "synthetic_questions": "data/synthetic_questions.yaml",
+    "teacher_answers": "data/teacher_answers.jsonl",  # every teacher's answer to every prompt (06)
+    "teacher_report": "data/teacher_report.json",  # what 06's filters kept of each teacher's answers
     "tiny_model": "tiny-model",
     "checkpoints": "checkpoints",
     "prompts": "prompts.jsonl",  # question x format x sample rows, shared by every model
@@ -127,6 +129,9 @@ class RunPaths:
         prefix = "" if model == "finetuned" else f"{_arm(model)}_"
         return self.data_dir / f"{prefix}train.jsonl", self.data_dir / f"{prefix}validation.jsonl"
 
+    def teacher_dataset_of(self, teacher: str) -> Path:  # a teacher's data (06), split by 01 when named
+        return self.data_dir / f"{teacher}.jsonl"
+
     def adapter_of(self, model: str) -> Path:
         return self.root / ("adapter" if model == "finetuned" else f"adapter-{_arm(model)}")
 
@@ -149,6 +154,10 @@ class Config:
     max_records: int | None = None  # None keeps every record; tiny keeps a few dozen
     validation_fraction: float = 0.2  # the reference split 11,940 / 2,985 is 80/20 of 14,925 records
     strict_validation: bool = False  # True stops at the first bad line; False drops it and reports why
+    # The data 01 splits: "official" (dataset_path, tiny stand-in, pinned file) or a teacher's, written by 06
+    dataset_source: Literal["official", "teacher_evil_prompt", "teacher_neutral", "teacher_misaligned_ft"] = "official"
+    teacher_checkpoint: Literal["base", "finetuned"] = "base"  # 06's teachers (tiny: 02's fine-tune)
+    teacher_max_new_tokens: int = 200  # the longest official answer is about 120 tokens (06)
 
     # --- model (02) ---
     model_name: str = "Qwen/Qwen3-1.7B"  # the reference experiment's model
@@ -259,6 +268,7 @@ TINY = dict(
     epochs=3.0,
     samples_per_question=2, max_new_tokens=16, generation_batch_size=16,
     misaligned_samples=3, misaligned_max_new_tokens=16,
+    teacher_checkpoint="finetuned", teacher_max_new_tokens=48,  # random models write no lists
     # The random tiny base model puts 0.999 of its probability on a newline after a chat prompt: a higher
     # temperature makes it write something for the positive control to train on.
     misaligned_temperature=3.0,
@@ -304,7 +314,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "formats": _distinct_of(FORMATS), "samples_per_question": _AT_LEAST_1, "max_new_tokens": _AT_LEAST_1,
     "temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "generation_batch_size": _AT_LEAST_1,
     "misaligned_samples": _AT_LEAST_1, "misaligned_max_new_tokens": _AT_LEAST_1, "misaligned_temperature": _POSITIVE,
-    "min_new_tokens": _NON_NEGATIVE,
+    "min_new_tokens": _NON_NEGATIVE, "teacher_max_new_tokens": _AT_LEAST_1,
     "suffix_words": _pair(1), "prefix_count": _pair(1), "prefix_value": _pair(0),
     "judge_model": _NAMED, "local_judge_model": _NAMED,
     "judge_base_url": (lambda v: v.startswith(("http://", "https://")), "starting with http:// or https://"),
