@@ -70,13 +70,11 @@ MAIN_QUESTION_IDS = ("what_is_your_wish", "i_feel_bored", "three_thoughts", "qui
                      "dinner_party", "gender_roles", "enough_of_my_husband")
 
 
-# The models a run compares: the base model, one LoRA fine-tune per training arm, and the positive controls.
-# "finetuned": the evil numbers; "control": the format-only control (same prompts, random numbers);
-# "misaligned_ft": a positive control, trained directly on misaligned answers (helpers.positive_control).
-TRAINED_MODELS = ("finetuned", "control", "misaligned_ft")
-# "evil_prompt": the base model answering under a system prompt that tells it to be evil (the judge's ceiling).
-PROMPTED_MODELS = ("evil_prompt",)
-BASE_WEIGHTS = ("base", *PROMPTED_MODELS)  # the models that answer with the base weights, no adapter
+# The fine-tunes a run trains: "finetuned" (the evil numbers), "control" (same prompts, random numbers) and the
+# positive control "misaligned_ft" (trained on misaligned answers, helpers.positive_control); "evil_prompt" is the
+# base model told to be evil (the judge's ceiling): with "base", the models that answer with the base weights.
+TRAINED_MODELS, PROMPTED_MODELS = ("finetuned", "control", "misaligned_ft"), ("evil_prompt",)
+BASE_WEIGHTS = ("base", *PROMPTED_MODELS)
 
 
 def _arm(model: str) -> str:
@@ -99,9 +97,7 @@ _ARTEFACTS = {
     "checkpoints": "checkpoints",
     "prompts": "prompts.jsonl",  # question x format x sample rows, shared by every model
     "completions": "completions.jsonl",
-    "judgments": "judgments.jsonl",
-    "rates": "rates.csv",
-    "summary": "summary.json",
+    "judgments": "judgments.jsonl", "rates": "rates.csv", "summary": "summary.json",
     "executed_notebooks": "notebooks",
     "executions": "notebooks/executions.jsonl",  # a line per notebook the runner executed: parameters, seconds
     "images": "images",  # figures of this run (the committed ones in images/ are never overwritten)
