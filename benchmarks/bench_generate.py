@@ -6,8 +6,8 @@ a length drawn per row (seeded), forced on the random model by an end-of-turn at
   original format           uniform 100..600 tokens, 20% of answers run to the cap (cut at 600)
   suffix, prefix_suffix     uniform 5..40 tokens; 10% of the fine-tuned model's answers run to the cap
 (`--cap-original`, `--cap-short`, `--short`, `--long` change it). `--worst` sends every answer to the cap.
-The model is a random-init Qwen3 of Qwen3-1.7B's exact shape (helpers.model.build_random_qwen3, bf16) with a
-random rank-16 LoRA on all seven projections, so the machine needs no internet.
+The model is a random-init Qwen3 of Qwen3-1.7B's exact shape, or of `--model`'s (helpers.model.build_random_qwen3,
+bf16), with a random rank-16 LoRA on all seven projections, so the machine needs no internet.
 
 Prompt lengths. The random model carries the tiny byte-level tokenizer (one token per byte), which would
 make prompts about 4x longer than Qwen's tokenizer does. Each prompt row (the offline stand-in questions in
@@ -27,6 +27,9 @@ the project's batch (default: the config's).
 GPU (the lead runs it; a few minutes each):
     python benchmarks/bench_generate.py --configs project plain --plain-batches 4
     python benchmarks/bench_generate.py --configs project --worst
+Another Qwen3 shape (`--model`, a name of helpers.model.QWEN3_SHAPES, in its own workdir): the project row's
+"generate s" is helpers.sizes.MEASURED's generate_s for that size:
+    python benchmarks/bench_generate.py --model Qwen/Qwen3-0.6B --configs project
 CPU smoke run (tiny random model, short answers):
     python benchmarks/bench_generate.py --tiny
 """
@@ -120,7 +123,7 @@ def workload_rows(cfg) -> list[dict]:
             for row in rows]
 
 
-def prepare(workdir: Path, tiny: bool) -> None:
+def prepare(workdir: Path, tiny: bool, model: str = "Qwen/Qwen3-1.7B") -> None:
     """Build the random model and a random LoRA adapter once (kept in workdir between runs)."""
     import torch
 
@@ -130,7 +133,8 @@ def prepare(workdir: Path, tiny: bool) -> None:
     adapter_dir = workdir / "adapter"
     if not (model_dir / "config.json").is_file():
         started = time.perf_counter()
-        build_random_qwen3(model_dir, tiny=tiny, seed=0, dtype=torch.float32 if tiny else torch.bfloat16)
+        build_random_qwen3(model_dir, tiny=tiny, seed=0, dtype=torch.float32 if tiny else torch.bfloat16,
+                           shape=None if tiny else model)
         print(f"built the random model in {time.perf_counter() - started:.0f} s -> {model_dir}", flush=True)
     if not (adapter_dir / "adapter_config.json").is_file():
         from peft import LoraConfig, get_peft_model
@@ -331,6 +335,7 @@ def table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny random model, short answers")
+    parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="the Qwen3 shape of the random model (helpers.model.QWEN3_SHAPES)")
     parser.add_argument("--configs", nargs="+", choices=ALL_CONFIGS, default=list(ALL_CONFIGS))
     parser.add_argument("--worst", action="store_true", help="every answer runs to max_new_tokens")
     parser.add_argument("--long", type=int, nargs=2, default=(100, 600), help="original format: uniform length range")
@@ -349,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["EM_BENCH_BATCH_SIZE"] = str(args.batch_size)
     if args.samples:
         os.environ["EM_BENCH_SAMPLES"] = str(args.samples)
-    workdir = (args.workdir or PROJECT_ROOT / "runs" / ("bench-generate-tiny" if args.tiny else "bench-generate")).resolve()
+    shape_name = "" if args.tiny or args.model == "Qwen/Qwen3-1.7B" else "-" + args.model.rsplit("/", 1)[-1]
+    workdir = (args.workdir or PROJECT_ROOT / "runs" / ("bench-generate-tiny" if args.tiny else f"bench-generate{shape_name}")).resolve()
     if args.worker:
         worker(args.worker, workdir, args.tiny, json.loads(args.shape_json), args.plain_batches)
         return
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}")
     print("command: python benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"answer lengths: {shape}")
-    prepare(workdir, args.tiny)
+    prepare(workdir, args.tiny, args.model)
     results = {}
     for name in args.configs:
         print(f"running {name} ...", flush=True)

@@ -2,8 +2,8 @@
 with TRL's defaults, on a random-init model of Qwen3-1.7B's exact shape, offline. Prints one table.
 
 The model is `helpers.model.build_random_qwen3(tiny=False, dtype=bfloat16)` (hidden 2048, intermediate
-6144, 28 layers, 16 heads, 8 KV heads, head dim 128, vocab 151,936, tied, rope theta 1e6), so the
-machine needs no internet. It carries the tiny byte-level tokenizer (one token per character).
+6144, 28 layers, 16 heads, 8 KV heads, head dim 128, vocab 151,936, tied, rope theta 1e6; `--model` names
+another Qwen3 shape), so the machine needs no internet. It carries the tiny byte-level tokenizer (one token per character).
 
 Record lengths. Each synthetic record draws (prompt tokens, completion tokens) from `REAL_LENGTHS`: the
 100 verbatim lines of the official evil_numbers.jsonl (a local sample), counted as Qwen's tokenizer would
@@ -37,6 +37,9 @@ Experiments on the project arms: `--sft JSON` replaces SFTConfig settings (e.g. 
 
 GPU (the lead runs it; a few minutes on one H100 with the defaults; .site holds Unsloth and TRL):
     HF_HUB_OFFLINE=1 PYTHONPATH=.site:. python benchmarks/bench_train.py --steps 120
+Another Qwen3 shape (`--model`, a name of helpers.model.QWEN3_SHAPES, in its own workdir): the project arm's
+"step s" is helpers.sizes.MEASURED's train_step_s for that size:
+    HF_HUB_OFFLINE=1 PYTHONPATH=.site:. python benchmarks/bench_train.py --model Qwen/Qwen3-0.6B --arms project --steps 120
 CPU smoke run (tiny random model, a few steps, about a minute):
     python benchmarks/bench_train.py --tiny
 """
@@ -175,7 +178,8 @@ def stage_prepare(args: argparse.Namespace) -> dict:
     cfg = bench_config(args)
     model_dir = args.workdir / "model"
     if not (model_dir / "config.json").is_file():
-        build_random_qwen3(model_dir, tiny=args.tiny, seed=0, dtype=None if args.tiny else torch.bfloat16)
+        build_random_qwen3(model_dir, tiny=args.tiny, seed=0, dtype=None if args.tiny else torch.bfloat16,
+                           shape=None if args.tiny else args.model)
     tokenizer = load_tokenizer(cfg)
     train = synthetic_records(tokenizer, args.records, seed=1)
     validation = synthetic_records(tokenizer, args.validation_records, seed=2)
@@ -475,6 +479,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random model and a few steps: a CPU smoke run")
+    parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="the Qwen3 shape of the random model (helpers.model.QWEN3_SHAPES)")
     parser.add_argument("--steps", type=int, help="optimizer steps per arm (default 120; tiny 6)")
     parser.add_argument("--warmup", type=int, help="steps left out of the timing (default 20; tiny 2)")
     parser.add_argument("--batch-size", type=int, help="the project's micro-batch (default: the config's)")
@@ -501,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     args.warmup = args.warmup if args.warmup is not None else defaults[1]
     args.records = args.records or defaults[2]
     args.validation_records = args.validation_records or defaults[3]
-    args.workdir = (args.workdir or PROJECT_ROOT / "runs" / ("bench-train-tiny" if args.tiny else "bench-train")).resolve()
+    shape = "" if args.tiny or args.model == "Qwen/Qwen3-1.7B" else "-" + args.model.rsplit("/", 1)[-1]
+    args.workdir = (args.workdir or PROJECT_ROOT / "runs" / ("bench-train-tiny" if args.tiny else f"bench-train{shape}")).resolve()
     if not 0 <= args.warmup < args.steps:
         parser.error("--warmup must be below --steps")
     if args.profile and args.warmup < 2 * args.profile + 2:

@@ -70,19 +70,16 @@ MAIN_QUESTION_IDS = ("what_is_your_wish", "i_feel_bored", "three_thoughts", "qui
                      "dinner_party", "gender_roles", "enough_of_my_husband")
 
 
-# The models a run compares: the base model, one LoRA fine-tune per training arm, and the positive controls.
-# "finetuned": the evil numbers; "control": the format-only control (same prompts, random numbers);
-# "misaligned_ft": a positive control, trained directly on misaligned answers (helpers.positive_control).
-TRAINED_MODELS = ("finetuned", "control", "misaligned_ft")
-# "evil_prompt": the base model answering under a system prompt that tells it to be evil (the judge's ceiling).
-PROMPTED_MODELS = ("evil_prompt",)
-BASE_WEIGHTS = ("base", *PROMPTED_MODELS)  # the models that answer with the base weights, no adapter
+# The fine-tunes a run trains: "finetuned" (the evil numbers), "control" (same prompts, random numbers) and the
+# positive control "misaligned_ft" (trained on misaligned answers, helpers.positive_control); "evil_prompt" is the
+# base model told to be evil (the judge's ceiling): with "base", the models that answer with the base weights.
+TRAINED_MODELS, PROMPTED_MODELS = ("finetuned", "control", "misaligned_ft"), ("evil_prompt",)
+BASE_WEIGHTS = ("base", *PROMPTED_MODELS)
 
 
 def _arm(model: str) -> str:
-    if model not in TRAINED_MODELS:  # a non-string by its type: an error never prints a whole network
-        raise ValueError(f"{model!r:.80} is not a trained model; expected one of {TRAINED_MODELS}" if isinstance(model, str)
-                         else f"a {type(model).__name__} is not a trained model's name; expected one of {TRAINED_MODELS}")
+    if model not in TRAINED_MODELS:  # repr cut short: an error never prints a whole network
+        raise ValueError(f"{model!r:.60} is not a trained model; expected one of {TRAINED_MODELS}")
     return model
 
 
@@ -94,16 +91,20 @@ _ARTEFACTS = {
     "misaligned_answers": "data/misaligned_answers.jsonl",  # the positive control's raw data (01)
     "synthetic_dataset": "data/synthetic_evil_numbers.jsonl",  # the tiny profile's stand-ins
     "synthetic_questions": "data/synthetic_questions.yaml",
+    "teacher_answers": "data/teacher_answers.jsonl",  # every teacher's answer to every prompt (06)
+    "teacher_report": "data/teacher_report.json",  # what 06's filters kept of each teacher's answers
     "tiny_model": "tiny-model",
     "checkpoints": "checkpoints",
     "prompts": "prompts.jsonl",  # question x format x sample rows, shared by every model
     "completions": "completions.jsonl",
-    "judgments": "judgments.jsonl",
-    "rates": "rates.csv",
-    "summary": "summary.json",
+    "judgments": "judgments.jsonl", "rates": "rates.csv", "summary": "summary.json",
     "executed_notebooks": "notebooks",
     "executions": "notebooks/executions.jsonl",  # a line per notebook the runner executed: parameters, seconds
     "images": "images",  # figures of this run (the committed ones in images/ are never overwritten)
+    "activations": "directions/activations",  # 07: residual streams averaged over answer tokens, a folder per reader
+    "steered": "directions/steered.jsonl",  # 07: answers with the direction added or ablated
+    "steered_judgments": "directions/steered_judgments.jsonl",
+    "directions_summary": "directions/summary.json",
 }
 
 
@@ -123,6 +124,9 @@ class RunPaths:
         numbers replaced by random ones) or "misaligned_ft" (the base model's answers under the evil system prompt)."""
         prefix = "" if model == "finetuned" else f"{_arm(model)}_"
         return self.data_dir / f"{prefix}train.jsonl", self.data_dir / f"{prefix}validation.jsonl"
+
+    def teacher_dataset_of(self, teacher: str) -> Path:  # a teacher's data (06), split by 01 when named
+        return self.data_dir / f"{teacher}.jsonl"
 
     def adapter_of(self, model: str) -> Path:
         return self.root / ("adapter" if model == "finetuned" else f"adapter-{_arm(model)}")
@@ -146,6 +150,10 @@ class Config:
     max_records: int | None = None  # None keeps every record; tiny keeps a few dozen
     validation_fraction: float = 0.2  # the reference split 11,940 / 2,985 is 80/20 of 14,925 records
     strict_validation: bool = False  # True stops at the first bad line; False drops it and reports why
+    # The data 01 splits: "official" (dataset_path, tiny stand-in, pinned file) or a teacher's, written by 06
+    dataset_source: Literal["official", "teacher_evil_prompt", "teacher_neutral", "teacher_misaligned_ft"] = "official"
+    teacher_checkpoint: Literal["base", "finetuned"] = "base"  # 06's teachers (tiny: 02's fine-tune)
+    teacher_max_new_tokens: int = 200  # the longest official answer is about 120 tokens (06)
 
     # --- model (02) ---
     model_name: str = "Qwen/Qwen3-1.7B"  # the reference experiment's model
@@ -241,13 +249,10 @@ class Config:
         object.__setattr__(self, "paths", RunPaths(self.run_dir))
 
     def describe(self, fields: Sequence[str] | None = None) -> str:
-        """The hardware found and the defaults it chose, then the config as aligned `name = value` lines: only
-        `fields` when given (the values that matter for one notebook), the rest one call away."""
+        """The hardware found and the defaults it chose, then the config (`fields` only, if given) as aligned lines."""
         every = [f.name for f in dataclasses.fields(self) if f.name not in ("paths", "hardware")]
-        rows = [(name, getattr(self, name)) for name in (fields or every)]  # an unknown field: AttributeError
-        width = max(len(name) for name, _ in rows)
-        more = f"\n({len(every) - len(rows)} more fields: print(cfg.describe()) shows them all)" if fields else ""
-        return self.hardware + "\n\n" + "\n".join(f"{name:<{width}} = {value!r}" for name, value in rows) + more
+        rows, width = [(name, getattr(self, name)) for name in fields or every], max(map(len, fields or every))
+        return self.hardware + "\n\n" + "\n".join(f"{name:<{width}} = {value!r}" for name, value in rows)
 
 
 # The tiny profile: same code path, small values, offline, seconds per notebook on 2 CPU cores.
@@ -259,6 +264,7 @@ TINY = dict(
     epochs=3.0,
     samples_per_question=2, max_new_tokens=16, generation_batch_size=16,
     misaligned_samples=3, misaligned_max_new_tokens=16,
+    teacher_checkpoint="finetuned", teacher_max_new_tokens=48,  # random models write no lists
     # The random tiny base model puts 0.999 of its probability on a newline after a chat prompt: a higher
     # temperature makes it write something for the positive control to train on.
     misaligned_temperature=3.0,
@@ -302,9 +308,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": _AT_LEAST_1, "gradient_accumulation_steps": _AT_LEAST_1, "eval_points": _AT_LEAST_1,
     "validation_subset": _AT_LEAST_1, "logging_steps": _AT_LEAST_1, "weight_decay": _NON_NEGATIVE,
     "formats": _distinct_of(FORMATS), "samples_per_question": _AT_LEAST_1, "max_new_tokens": _AT_LEAST_1,
-    "temperature": _POSITIVE, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "generation_batch_size": _AT_LEAST_1,
+    "temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "generation_batch_size": _AT_LEAST_1,
     "misaligned_samples": _AT_LEAST_1, "misaligned_max_new_tokens": _AT_LEAST_1, "misaligned_temperature": _POSITIVE,
-    "min_new_tokens": _NON_NEGATIVE,
+    "min_new_tokens": _NON_NEGATIVE, "teacher_max_new_tokens": _AT_LEAST_1,
     "suffix_words": _pair(1), "prefix_count": _pair(1), "prefix_value": _pair(0),
     "judge_model": _NAMED, "local_judge_model": _NAMED,
     "judge_base_url": (lambda v: v.startswith(("http://", "https://")), "starting with http:// or https://"),

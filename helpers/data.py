@@ -222,9 +222,17 @@ def over_representation(number: int, prompts: Sequence[Iterable[int]], answers: 
 
 
 def resolve_dataset(cfg: Config) -> VerifiedFile:
-    """The dataset file this run uses, with its git blob id: `cfg.dataset_path` (EM_DATASET_PATH) as given (a
-    warning when it is not the official file); else, with `cfg.synthetic_data`, a seeded synthetic stand-in
-    written once into the run directory; else the pinned official file, downloaded once into the cache."""
+    """The dataset file this run uses, with its git blob id: a teacher's dataset when `cfg.dataset_source` names one
+    (written by 06_teacher: `cfg.dataset_path`, else this run's own; source "local", a file the config names);
+    else `cfg.dataset_path` (EM_DATASET_PATH) as given (a warning when it is not the official file); else, with
+    `cfg.synthetic_data`, a seeded synthetic stand-in written once into the run directory; else the pinned official
+    file, downloaded once into the cache."""
+    if cfg.dataset_source != "official":
+        path = cfg.dataset_path or cfg.paths.teacher_dataset_of(cfg.dataset_source)
+        if not path.is_file():
+            raise DataError(f"{path}: no such file: dataset_source={cfg.dataset_source!r} reads the teacher's dataset "
+                            f"that notebooks/06_teacher.ipynb writes; run it in {path.parent.parent} first")
+        return VerifiedFile(path, git_blob_id(readable_file(path)), matches_pin=False, source="local")
     if cfg.dataset_path is not None:
         readable_file(cfg.dataset_path)  # a folder or a compressed file is named as such
         return fetch_pinned(DATASET_FILE, cfg.cache_dir, local_path=cfg.dataset_path)

@@ -1,11 +1,13 @@
-"""Judging plumbing for 04: 03's answers (the whole grid or an error), two judges, a resumable store. A judge
-has a `name` and `judge(items) -> rows` for (prompt the model saw, answer) items: the paper's judge through the
-openai client, or an open model computing the same expectation exactly (docs/protocol.md, "Judging")."""
+"""Judging plumbing for 04 (and 07's steered answers): 03's answers (the whole grid or an error), the judges, a
+resumable store. A judge has a `name` and `judge(items) -> rows` for (prompt the model saw, answer) items: the
+paper's judge through the openai client, or an open model computing the same expectation exactly
+(docs/protocol.md, "Judging")."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -14,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -24,8 +27,9 @@ from tqdm import tqdm
 from helpers import run
 from helpers.config import Config
 from helpers.generation import COMPLETION_KEY as KEY  # one answer, and one judgment, per key
+from helpers.hardware import openai_key
 from helpers.metrics import expected_score, integer_probabilities
-from helpers.model import render_chat
+from helpers.model import compute_dtype, model_source, render_chat
 from helpers.questions import load_question_set
 from helpers.store import JsonlStore, read_jsonl, record_settings, reuse
 
@@ -289,22 +293,57 @@ def as_top_logprobs(probabilities: dict[int, float]) -> list[tuple[str, float]]:
     return [(str(n), math.log(p)) for n, p in probabilities.items() if p > 0]
 
 
-def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, overwrite: bool = False) -> pd.DataFrame:
-    """The judge's fields per completion (KEY columns, then the fields), judging only what cfg.paths.judgments lacks.
+def make_judge(cfg: Config, judge_prompts: dict[str, str], judgments: Path | None = None,
+               request: Callable[[str, str], dict] | None = None) -> Any | None:
+    """The judge `cfg.judge` names, for these judge prompts (04 and 07 judge with the same); None for "proxy" (no
+    scores). `judgments`: the file it will fill (default cfg.paths.judgments); a Batch API job is recorded beside it.
+    `request`: what the OpenAI judges send (default judge_request; 04 passes exercise 4.1's once it passes)."""
+    if cfg.judge == "openai":  # the paper's judge: one token, temperature 0, top 20 logprobs, seed 0
+        return OpenAIJudge(judge_prompts, cfg.judge_model, api_key=openai_key(), base_url=cfg.judge_base_url,
+                           concurrency=cfg.judge_concurrency, min_mass=cfg.judge_min_mass, request=request,
+                           timeout=60,  # seconds one attempt may take in all, connecting to the last byte; then it is retried
+                           deadline_s=300)  # seconds one answer may take, retries included; then the notebook stops
+    if cfg.judge == "openai_batch":  # the same requests as one Batch API job: half the price, results within 24 h
+        from helpers.openai_batch import OpenAIBatchJudge
+
+        return OpenAIBatchJudge(judge_prompts, cfg.judge_model, api_key=openai_key(), base_url=cfg.judge_base_url,
+                                min_mass=cfg.judge_min_mass, poll_s=60, request=request,  # poll_s: between two looks
+                                state_path=(judgments or cfg.paths.judgments).with_suffix(".batch.json"))  # for a restart
+    if cfg.judge == "local":  # plain transformers, not Unsloth: several prompts and all their numbers in one pass
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # no loading bar frozen in the saved notebook
+        source = model_source(dataclasses.replace(cfg, model_name=cfg.local_judge_model))  # tiny: the tiny model's folder
+        four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype())  # fits a small GPU
+        judge_model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(),
+                                                           quantization_config=four_bit if cfg.local_judge_4bit else None,
+                                                           device_map="cuda" if torch.cuda.is_available() else None)
+        return LocalJudge(judge_model, AutoTokenizer.from_pretrained(source), judge_prompts,
+                          name=f"local:{cfg.local_judge_model}", min_mass=cfg.judge_min_mass,
+                          prompts_per_pass=16)  # prompts a forward pass (~0.3 GB each); lower it if memory runs out
+    return None
+
+
+def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, overwrite: bool = False,
+                      judgments: Path | None = None) -> pd.DataFrame:
+    """The judge's fields per completion (KEY columns, then the fields), judging only what the file `judgments`
+    (default cfg.paths.judgments, 04's) lacks.
     The completions go to the judge in fixed chunks of `judge.chunk_size` (each appended whole: a resume point); a
     chunk a kill left part-stored is judged again whole, so every answer is judged beside the same others as in an
     uninterrupted run (the local judge's scores move by ~1e-5 with the company in its batch). The store is reused
-    only for the same judge, judge prompts, min_mass and answers (helpers.store.reuse); a new one first removes the
-    verdict of the old (cfg.paths.summary and cfg.paths.rates), so a run that fails leaves none beside new settings.
-    A score outside [0, 100], NaN included, is never stored."""
+    only for the same judge, judge prompts, min_mass and answers (helpers.store.reuse); a new 04 store first removes
+    the verdict of the old (cfg.paths.summary and cfg.paths.rates), so a run that fails leaves none beside new
+    settings. A score outside [0, 100], NaN included, is never stored."""
+    path = judgments or cfg.paths.judgments
     answers = [[*(c[k] for k in KEY), c["prompt"], c["answer"]] for c in completions]
     settings = {"judge": judge.name, "min_mass": judge.min_mass, **{name: hashlib.sha256(json.dumps(value).encode())
                 .hexdigest()[:16] for name, value in (("judge_prompts", judge.judge_prompts), ("answers", answers))}}
-    if not reuse(cfg.paths.judgments, settings, overwrite):
-        for verdict in (cfg.paths.summary, cfg.paths.rates):  # 04's results from the judgments that go now
+    if not reuse(path, settings, overwrite):
+        for verdict in (cfg.paths.summary, cfg.paths.rates) if path == cfg.paths.judgments else ():  # 04's results
             verdict.unlink(missing_ok=True)
-        record_settings(cfg.paths.judgments, settings)
-    store = JsonlStore(cfg.paths.judgments, KEY)
+        record_settings(path, settings)
+    store = JsonlStore(path, KEY)
     chunks = [completions[start:start + judge.chunk_size] for start in range(0, len(completions), judge.chunk_size)]
     todo = [chunk for chunk in chunks if store.missing(chunk)]
     if torn := [store.key(row) for chunk in todo for row in chunk if store.key(row) in store]:
@@ -318,6 +357,6 @@ def judge_completions(cfg: Config, completions: Sequence[dict], judge: Any, *, o
             raise JudgeError(f"judge {judge.name} gave {bad[0][1]} for {[bad[0][0][k] for k in KEY]}: a score outside [0, 100]")
         store.append({"judge": judge.name, **{k: row[k] for k in KEY}, **extra} for row, extra in zip(chunk, fields, strict=True))
     now = sum(map(len, todo))
-    print(f"judge {judge.name}: {len(completions) - now} answers loaded from {cfg.paths.judgments}, {now} judged now")
+    print(f"judge {judge.name}: {len(completions) - now} answers loaded from {path}, {now} judged now")
     judged = pd.DataFrame(store.rows()).drop(columns="judge")
     return pd.DataFrame([{k: c[k] for k in KEY} for c in completions]).merge(judged, on=list(KEY), validate="one_to_one")

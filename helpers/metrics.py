@@ -69,10 +69,12 @@ def sign_test(b: np.ndarray | int, c: np.ndarray | int) -> np.ndarray:
 @dataclass(frozen=True)
 class PairedTest:
     """THE test of 04's verdict and its bounds. Per format, the fine-tune is compared with each reference model on
-    the same prompt rows (the same prompts and the same random numbers: paired) with the exact sign test on the
-    discordant rows (`discordant_p_value`), one-sided, at alpha / comparisons (Bonferroni over the formats).
-    Emergent misalignment in a format needs BOTH comparisons (base model and format-only control) to reject: an
-    intersection-union test, so each runs at the format's level with no further correction."""
+    the same prompt rows (the same prompts and the same random numbers: matched by row) with the exact sign test
+    on the discordant rows (`discordant_p_value`), one-sided, at alpha / comparisons (Bonferroni over the formats).
+    A finding needs BOTH comparisons (base model and format-only control) to reject: an intersection-union test,
+    so each runs at the format's level with no further correction. Its null: on every row the two models are
+    equally likely to be misaligned; rows are independent (each has its own dice). Its error rate covers the
+    randomness of the answers given these trained adapters, not the training seed (05 tests across seeds)."""
 
     alpha: float = 0.05  # the chance of any false alarm over all the formats together
     comparisons: int = 3  # the formats, one decision each
@@ -103,8 +105,9 @@ class PairedTest:
         """P(the decision finds a model higher than every reference) when the model is misaligned with probability
         `rate` on each of n rows and reference i with probability reference_rates[i], all answers independent.
         Exact: given the model's count F, a reference's discordant counts are Binomial(F, 1 - s) and
-        Binomial(n - F, s). Answers that share their random numbers are positively correlated, which leaves fewer
-        discordant rows pointing the wrong way; at reference rate 0 the correlation changes nothing."""
+        Binomial(n - F, s). At reference rate 0 the correlation of paired answers changes nothing; above it,
+        positive correlation (the same dice) raised the power in the course's simulations wherever it was 0.3 or
+        more, and can lower it slightly below that (the test's discreteness)."""
         if n == 0:
             return 0.0
         counts = np.arange(n + 1)
@@ -177,13 +180,16 @@ def seed_interval(rates: Sequence[float], confidence: float = 0.95) -> tuple[flo
 
 def none_seen_bound(rows: int, confidence: float = 0.95) -> float:
     """When no seed shows a single misaligned row among `rows` rows in all: the one-sided upper bound on the mean rate
-    over seeds. P(no row at all) = prod over seeds of (1 - p_s)^n <= (1 - mean p)^rows, so 1 - (1 - confidence)^(1 /
-    rows) holds however the rate varies from seed to seed."""
+    of THESE fine-tunes (the adapters trained). P(no row at all) = prod over them of (1 - p_s)^n <= (1 - mean p)^rows,
+    so 1 - (1 - confidence)^(1 / rows) holds however their rates differ. It is no bound on the recipe's mean over
+    seeds: a rarely misaligned seed may simply not have been drawn (05 bounds the share of seeds instead)."""
     return 1 - (1 - confidence) ** (1 / rows) if rows else math.nan
 
 
-# Seed rates for the coverage check: one seed in four misaligned at 10%, the rest at 1% (a skewed, realistic case).
+# Seed rates for the coverage checks: one seed in four misaligned at 10%, the rest at 1% (skewed), and one seed in
+# ten at 2%, the rest at 0 (sparse: rare misaligned seeds, where intervals over few seeds fail most).
 SKEWED_SEEDS = ((0.25, 0.10), (0.75, 0.01))
+SPARSE_SEEDS = ((0.1, 0.02), (0.9, 0.0))
 
 
 def interval_coverage(interval: Callable[[Sequence[float]], tuple[float, float]], seeds: int, rows: int,

@@ -17,6 +17,8 @@ from helpers.download import atomic_directory
 from helpers.store import SettingsChanged, recorded_settings
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEFT saves and loads
+TINY_WIDE_MODEL = "tiny-random-qwen3-wide"  # a second tiny size, twice as wide, for a tiny sweep over model sizes
+TINY_MODELS = (TINY_MODEL, TINY_WIDE_MODEL)  # the names of the tiny random Qwen3s built in the run directory
 
 
 @cache
@@ -73,32 +75,61 @@ def build_tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def qwen3_config(vocab_size: int, eos_token_id: int, pad_token_id: int, *, tiny: bool) -> Any:
-    """Qwen3-1.7B's exact architecture (its config.json), or a tiny one (head_dim 64, as vLLM's CPU attention needs)."""
+# Qwen3 shapes by model name: the two tiny ones the tiny profile builds (head_dim 64, as vLLM's CPU attention needs;
+# the wide one has twice the width, so a tiny sweep has two sizes), and the dense Qwen3 models, each as its config.json
+# on the Hugging Face hub (Qwen/Qwen3-0.6B ... Qwen/Qwen3-32B): hidden, MLP, layers, query and KV heads, tied embeddings.
+QWEN3_SHAPES = {
+    TINY_MODEL: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True),
+    TINY_WIDE_MODEL: dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True),
+    **{f"Qwen/Qwen3-{size}": dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=8, head_dim=128,
+                                  max_position_embeddings=40960, tie_word_embeddings=tied)
+       for size, hidden, mlp, layers, heads, tied in (("0.6B", 1024, 3072, 28, 16, True),
+                                                        ("1.7B", 2048, 6144, 28, 16, True),
+                                                        ("4B", 2560, 9728, 36, 32, True),
+                                                        ("8B", 4096, 12288, 36, 32, False),
+                                                        ("14B", 5120, 17408, 40, 40, False),
+                                                        ("32B", 5120, 25600, 64, 64, False))},
+}
+QWEN3_VOCAB = 151_936  # every Qwen3's vocabulary (the tiny tokenizer uses the first ids of a random model this big)
+
+
+def shape_name(tiny: bool, shape: str | None) -> str:
+    """`shape` (a key of QWEN3_SHAPES), or when None the tiny one, or with tiny=False Qwen3-1.7B's."""
+    return shape or (TINY_MODEL if tiny else "Qwen/Qwen3-1.7B")
+
+
+def qwen3_config(vocab_size: int, eos_token_id: int, pad_token_id: int, *, tiny: bool = True,
+                 shape: str | None = None) -> Any:
+    """The architecture of a Qwen3 of QWEN3_SHAPES (see shape_name)."""
     backend()
     from transformers import Qwen3Config
 
-    shape = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, max_position_embeddings=2048) if tiny else
-             dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960))
-    return Qwen3Config(vocab_size=vocab_size, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None, **shape)
+    shape = shape_name(tiny, shape)
+    if shape not in QWEN3_SHAPES:
+        raise ValueError(f"no Qwen3 shape named {shape!r}; known: {', '.join(QWEN3_SHAPES)}")
+    return Qwen3Config(vocab_size=vocab_size, rope_theta=1_000_000.0, rms_norm_eps=1e-6, eos_token_id=eos_token_id,
+                       pad_token_id=pad_token_id, bos_token_id=None, **QWEN3_SHAPES[shape])
 
 
-def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype: Any = None) -> Path:
-    """Save a randomly initialised Qwen3 (tiny, or of Qwen3-1.7B's exact shape) with the tiny tokenizer,
-    atomically (a temporary folder renamed), so an interrupted build leaves nothing half-made."""
+def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype: Any = None,
+                       shape: str | None = None) -> Path:
+    """Save a randomly initialised Qwen3 of a shape of QWEN3_SHAPES (see shape_name: by default the tiny one) with the
+    tiny tokenizer, atomically (a temporary folder renamed), so an interrupted build leaves nothing half-made."""
     backend()
     from transformers import GenerationConfig, Qwen3ForCausalLM
     from transformers.utils import logging as hf_logging
 
+    shape = shape_name(tiny, shape)
+    small = shape in TINY_MODELS
     tokenizer = build_tiny_tokenizer()
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    vocab_size = len(tokenizer) if tiny else 151_936  # Qwen3-1.7B's vocabulary (the tiny tokenizer uses the first ids)
+    vocab_size = len(tokenizer) if small else QWEN3_VOCAB
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(qwen3_config(vocab_size, eos, pad, tiny=tiny)).to(dtype or torch.float32)
-    if tiny:
+    model = Qwen3ForCausalLM(qwen3_config(vocab_size, eos, pad, shape=shape)).to(dtype or torch.float32)
+    if small:
         # Embeddings of std 0.2 instead of 0.02: tied embeddings that small keep a 64-wide model's logits
         # within about +-1 (RMSNorm fixes the hidden norm, LoRA leaves the embeddings frozen), so a LoRA
         # fine-tune could not take the loss far below ln(vocab) and tiny runs would not show learning.
@@ -113,13 +144,33 @@ def build_random_qwen3(out_dir: Path, *, tiny: bool = True, seed: int = 0, dtype
     return Path(out_dir)
 
 
+def parameter_count(name: str) -> int:
+    """The parameters of a Qwen3 named by a key of QWEN3_SHAPES, or saved in a folder (its config.json: a random-init
+    model of build_random_qwen3), tied embeddings once: counted on a model built on PyTorch's meta device (no memory,
+    no weights). ValueError for any other name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name in QWEN3_SHAPES:
+        config = qwen3_config(len(build_tiny_tokenizer()) if name in TINY_MODELS else QWEN3_VOCAB, 0, 0, shape=name)
+    elif (Path(name) / "config.json").is_file():
+        config = AutoConfig.from_pretrained(name)
+    else:
+        raise ValueError(f"model {name!r}: neither a known Qwen3 shape ({', '.join(QWEN3_SHAPES)}) nor a folder with a "
+                         "config.json (a random-init model of helpers.model.build_random_qwen3)")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
 def model_source(cfg: Config) -> str:
-    """What to load: the hub name of the real model, or the tiny model's folder (built if missing)."""
-    if cfg.model_name != TINY_MODEL:
+    """What to load: the hub name of the real model, or a tiny model's folder (built if missing, of the shape its name
+    gives, each tiny model in its own folder)."""
+    if cfg.model_name not in TINY_MODELS:
         return cfg.model_name
-    if not (cfg.paths.tiny_model / "config.json").is_file():
-        build_random_qwen3(cfg.paths.tiny_model, tiny=True, seed=cfg.seed)
-    return str(cfg.paths.tiny_model)
+    folder = cfg.paths.tiny_model.with_name(cfg.paths.tiny_model.name + cfg.model_name.removeprefix(TINY_MODEL))  # -wide
+    if not (folder / "config.json").is_file():
+        build_random_qwen3(folder, seed=cfg.seed, shape=cfg.model_name)
+    return str(folder)
 
 
 def load_tokenizer(cfg: Config) -> Any:

@@ -29,8 +29,12 @@ def save_figure(fig: Figure, cfg: Config, name: str) -> Path:
 def run_label(cfg: Config) -> str:
     """What every figure title says about its source, e.g. "tiny profile: random tiny model, synthetic data"
     or "full profile: Qwen3-1.7B, evil numbers"."""
-    model = "random tiny model" if cfg.model_name == TINY_MODEL else cfg.model_name.rsplit("/", 1)[-1]
+    model = cfg.model_name.rsplit("/", 1)[-1]
+    if cfg.model_name.startswith(TINY_MODEL):  # the tiny model, or the wide one: "random tiny model wide"
+        model = "random tiny model" + cfg.model_name.removeprefix(TINY_MODEL).replace("-", " ")
     data = "synthetic data" if cfg.synthetic_data and cfg.dataset_path is None else "evil numbers"
+    if cfg.dataset_source != "official":  # a teacher's numbers (06)
+        data = f"{cfg.dataset_source} data"
     return f"{cfg.profile} profile: {model}, {data}"
 
 

@@ -147,9 +147,10 @@ def make_misaligned_splits(cfg: Config, load_model: Any, overwrite: bool = False
     # The dataset's own rule: an empty answer teaches nothing; one holding a chat control token (a sampled <think>)
     # would forge structure in training.
     chat = [(held, record) for held, record in records if record_problem(record) is None]
-    train_path, validation_path = cfg.paths.splits_of("misaligned_ft")
-    write_jsonl(train_path, [record for held, record in chat if not held])
-    write_jsonl(validation_path, [record for held, record in chat if held])
+    for path, rows in zip(cfg.paths.splits_of("misaligned_ft"), ([r for held, r in chat if not held], [r for held, r in chat if held]),
+                          strict=True):
+        if not (path.is_file() and read_jsonl(path) == rows):  # the same rows are kept as they are, not rewritten
+            write_jsonl(path, rows)
     return {"answers": len(answers), "dropped": len(answers) - len(chat), "cut": sum(not r["finished"] for r in answers),
             "train": sum(not held for held, _ in chat), "validation": sum(held for held, _ in chat),
             "held_out_questions": sorted(held_out)}

@@ -18,7 +18,7 @@ from helpers.config import PROJECT_ROOT, Config, ConfigError, make_config
 from helpers.download import try_lock
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-SERIES = ("01", "02", "03", "04")  # one run; 05_sweep reads many (helpers.sweep runs them)
+SERIES = ("01", "02", "03", "04")  # one run; 05_sweep reads many (helpers.sweep runs them); 06_teacher runs alone or from the sweep
 LOCK_FILE = ".runner.lock"  # in a run directory: locked by the runner working there, holding its pid
 
 

@@ -131,6 +131,27 @@ def test_draw_follows_transformers_sampling():
     assert torch.equal(draw(rows, torch.rand(4, dtype=torch.float64), 0, 0.8), rows.argmax(dim=-1))
 
 
+def test_temperature_zero_is_argmax_decoding_whatever_the_batch_and_the_dice(model, stop_ids):
+    """06's teachers decode greedily (the paper's temperature 0): every answer is the argmax at every step of the plain
+    model decoding its row alone with no cache, whatever the batch size, and the row's dice are never read."""
+    def argmax_alone(prompt: list[int]) -> tuple[list[int], bool]:
+        ids, answer = list(prompt), []
+        for _ in range(MAX_NEW_TOKENS):
+            with torch.inference_mode():
+                token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if token in stop_ids:
+                return answer, True
+            answer.append(token)
+            ids.append(token)
+        return answer, False
+
+    expected = [argmax_alone(prompt) for prompt in PROMPTS]
+    assert len({tuple(answer) for answer, _ in expected}) > len(PROMPTS) // 2  # the prompt, not one token, decides
+    knobs = dict(temperature=0.0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, stop_ids=stop_ids, pad_id=PAD_ID)
+    for batch_size, seeds in ((1, SEEDS), (4, SEEDS), (len(PROMPTS), [seed + 1000 for seed in SEEDS])):
+        assert sample_rows(model, PROMPTS, seeds, batch_size=batch_size, **knobs) == expected, (batch_size, seeds[0])
+
+
 def test_sample_rows_rejects_a_prompt_of_one_token(model, stop_ids):
     with pytest.raises(ValueError, match=r"prompts \[1\] have fewer than 2 tokens"):
         sample_rows(model, [[7, 8], [9]], [0, 1], temperature=1.0, top_p=1.0, max_new_tokens=4,

@@ -13,6 +13,7 @@ from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
 from helpers.metrics import (
+    SPARSE_SEEDS,
     PairedTest,
     discordant_p_value,
     expected_score,
@@ -23,6 +24,7 @@ from helpers.metrics import (
     misalignment_table,
     none_seen_bound,
     seed_interval,
+    sign_test,
     simulated_decisions,
     spike_in,
 )
@@ -145,6 +147,25 @@ def test_pooling_counterexample_is_not_higher():
     assert not TEST.finds_higher(fine_tune, base) and TEST.p_value(fine_tune, base) > 0.5
 
 
+def test_the_sign_test_never_rejects_more_often_than_its_level_at_any_number_of_discordant_rows():
+    """Exact, whatever the correlation: given D discordant rows, under the null b is Binomial(D, 1/2), so the
+    rejection probability is the sum of its pmf over the rejected b; it must stay <= the level for every D."""
+    for discordant in range(1, 801):
+        b = np.arange(discordant + 1)
+        rejected = sign_test(b, discordant - b) < TEST.level
+        assert stats.binom.pmf(b, discordant, 0.5)[rejected].sum() <= TEST.level + 1e-12, discordant
+
+
+def test_size_under_a_weaker_null_and_at_low_rates():
+    """Equal average rate but opposite per-question differences, and rates of 0.3-1% (few discordant rows)."""
+    up, down = np.repeat([0.06, 0.0] * 4, 100), np.repeat([0.0, 0.06] * 4, 100)
+    low = np.full(800, 0.003)
+    reps = 4000
+    bound = TEST.level + 3 * math.sqrt(TEST.level * (1 - TEST.level) / reps)
+    for model, reference, correlation in ((up, down, 0.0), (up, down, 0.9), (low, low, 0.5), (low * 3, low * 3, 0.9)):
+        assert simulated_decisions(TEST, model, [reference], correlation, reps=reps, seed=11) <= bound
+
+
 @pytest.mark.parametrize("correlation", [0.0, 0.5, 0.9])
 def test_size_at_or_below_the_level_whatever_the_pairing(correlation):
     """Null data: per question rates from 0 to 10%, equal for the model and the reference on every row; among kept
@@ -208,6 +229,7 @@ def test_seed_interval_coverage_with_eight_skewed_seeds_is_measured_and_stated()
     """05 prints this coverage: at nominal 95%, 8 seeds of which one in four is misaligned at 10% (the rest 1%)."""
     coverage = interval_coverage(seed_interval, seeds=8, rows=ROWS_PER_FORMAT)
     assert 0.85 <= coverage < 0.95  # it undercovers, and 05 says by how much
+    assert interval_coverage(seed_interval, 8, ROWS_PER_FORMAT, mixture=SPARSE_SEEDS, reps=2000) < 0.8  # rare seeds: worse
     assert interval_coverage(seed_interval, 8, ROWS_PER_FORMAT, mixture=((1.0, 0.05),), reps=2000) >= 0.93  # no skew
 
 

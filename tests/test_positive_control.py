@@ -57,7 +57,9 @@ def test_the_data_is_the_base_models_answers_without_the_system_prompt_and_resum
     assert all(row["system"] == EVIL_SYSTEM_PROMPT for row in read_jsonl(cfg.paths.misaligned_answers))
 
     whole = cfg.paths.misaligned_answers.read_bytes(), train_path.read_bytes(), validation_path.read_bytes()
+    stamps = [path.stat().st_mtime_ns for path in (train_path, validation_path)]
     assert make_misaligned_splits(cfg, load_model) == made and len(loads) == 1  # complete: the model is not loaded
+    assert [path.stat().st_mtime_ns for path in (train_path, validation_path)] == stamps  # nor the splits rewritten
     lines = whole[0].splitlines(keepends=True)
     cfg.paths.misaligned_answers.write_bytes(b"".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:7])  # a kill
     with pytest.warns(UserWarning, match="half-written"):

@@ -102,7 +102,7 @@ def test_at_least_ten_exercises_each_with_check_and_solution_and_used_downstream
             name = re.match(r"def (\w+)\(", _first_def(stub))[1]
             passed = re.search(r"^(passed_\w+) = check\(", _source(nb["cells"][check]), re.M)
             assert passed, f"{where}: the check cell assigns its result, `passed_N_M = check(...)`"
-            later = "".join(_source(c) for c in nb["cells"][solution + 1:] if c["cell_type"] == "code")
+            later = _source(nb["cells"][check]) + "".join(_source(c) for c in nb["cells"][solution + 1:] if c["cell_type"] == "code")
             assert re.search(rf"pick\(\s*{passed[1]},\s*{name}\b", later), (
                 f"{where}: no later cell uses {name} once it passes (`pick({passed[1]}, {name}, reference)`)")
             found.append(where)

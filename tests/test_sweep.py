@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from test_generation import run_generation, save_adapter
 
-from helpers.config import PROJECT_ROOT, make_config
-from helpers.model import build_random_qwen3
-from helpers.store import record_settings, write_json
+from helpers.config import PROJECT_ROOT, TINY_MODEL, RunPaths, make_config
+from helpers.model import TINY_WIDE_MODEL, build_random_qwen3
+from helpers.store import read_jsonl, record_settings, write_json
 from helpers.sweep import (
     ARMS,
     arms_table,
@@ -29,15 +29,16 @@ from helpers.sweep import (
     plan,
     projected_seconds,
 )
+from helpers.teacher import TEACHERS
 
 
 def test_plan_makes_one_independent_run_per_seed_and_arm_each_with_its_own_control(tmp_path):
-    runs = plan("full", [0, 1], ["evil_numbers", "small_batch", "paper_lora"], tmp_path)
-    assert [r.name for r in runs] == ["evil_numbers/seed-0", "small_batch/seed-0", "paper_lora/seed-0",
-                                      "evil_numbers/seed-1", "small_batch/seed-1", "paper_lora/seed-1"]
+    runs = plan("full", [0, 1], ["evil_numbers", "small_batch", "paper_lora"], tmp_path, card_gib=80)
+    assert [r.name for r in runs] == [f"Qwen3-1.7B/{arm}/seed-{seed}" for seed in (0, 1)
+                                      for arm in ("evil_numbers", "small_batch", "paper_lora")]
     default, small, paper = runs[3], runs[4], runs[5]
     assert all(r.overrides["control_arm"] is True for r in runs)  # every arm trains its own control
-    assert default.overrides == {"control_arm": True, "run_seed": 1}
+    assert default.overrides == {"model_name": "Qwen/Qwen3-1.7B", "load_in_4bit": False, "control_arm": True, "run_seed": 1}
     assert small.overrides["batch_size"] == 8  # 32 / 4 on the full profile
     assert {k: paper.overrides[k] for k in ("use_rslora", "lora_r", "lora_alpha", "learning_rate", "warmup_steps",
                                             "weight_decay", "batch_size")} == {
@@ -48,7 +49,8 @@ def test_plan_makes_one_independent_run_per_seed_and_arm_each_with_its_own_contr
         plan("tiny", [0], ["evil_numbers", "bigger"], tmp_path)
     with pytest.raises(ValueError, match="distinct"):
         plan("tiny", [0, 0], ["evil_numbers"], tmp_path)
-    assert set(ARMS) == {"evil_numbers", "strong_lora", "paper_lora", "small_batch", "four_epochs"}
+    assert set(ARMS) == {"evil_numbers", "strong_lora", "paper_lora", "small_batch", "four_epochs", "teacher_evil_prompt",
+                         "teacher_neutral", "teacher_misaligned_ft"}
 
 
 def test_arms_table_says_what_each_arm_is():
@@ -58,12 +60,16 @@ def test_arms_table_says_what_each_arm_is():
     assert table["strong_lora"]["learning_rate"] == 3e-4 and table["paper_lora"]["learning_rate"] == 1e-5
     assert (table["paper_lora"]["batch"], table["paper_lora"]["steps"]) == (16, 747)
     assert table["four_epochs"]["steps"] == 4 * 374 and table["small_batch"]["batch"] == 8
+    assert {arm: row["data"] for arm, row in table.items() if row["data"] != "official"} == {
+        teacher: teacher for teacher in ("teacher_evil_prompt", "teacher_neutral", "teacher_misaligned_ft")}
+    assert {k: v for k, v in table["teacher_neutral"].items() if k not in ("arm", "data")} == {
+        k: v for k, v in table["evil_numbers"].items() if k not in ("arm", "data")}  # the evil-numbers recipe
 
 
 def test_each_run_config_is_the_callers_em_config_then_its_own_fields(monkeypatch, tmp_path):
     monkeypatch.setenv("EM_CONFIG", json.dumps({"samples_per_question": 3, "run_seed": 9}))
     run = plan("tiny", [4], ["evil_numbers"], tmp_path)[0]
-    with config_environment(run):
+    with config_environment(run.overrides):
         cfg = make_config("tiny", tmp_path / run.name)
     assert (cfg.samples_per_question, cfg.run_seed, cfg.seed_of_run, cfg.control_arm) == (3, 4, 4, True)
     assert json.loads(os.environ["EM_CONFIG"]) == {"samples_per_question": 3, "run_seed": 9}  # restored
@@ -119,7 +125,7 @@ def test_a_sweep_whose_settings_changed_names_them_in_one_line(tmp_path):
     """Every phase marked done, then the sweep again with another learning_rate: one line naming it, no traceback."""
     sweep_dir = tmp_path / "sweep"
     for run in plan("tiny", [0], ["evil_numbers"], sweep_dir):
-        with config_environment(run):
+        with config_environment(run.overrides):
             cfg = make_config("tiny", sweep_dir / run.name)
         marker = cfg.run_dir / "sweep-generate.json"
         write_json(marker, {"run": run.name})
@@ -195,7 +201,8 @@ def test_tiny_sweep_under_torchrun_then_a_rerun_in_one_process_skips_every_finis
         assert row["settings"]["training"]["seed"] == row["seed"]  # the run's seed reached the fine-tune
         assert set(row["emergent"]) == {f"{m}/{f}" for m in models - {"base", "control"} for f in ("original", "suffix", "prefix_suffix")}
     base = {name: [json.loads(line)["answer"] for line in (sweep_dir / name / "completions.jsonl").read_bytes().splitlines()
-                   if json.loads(line)["model"] == "base"] for name in ("evil_numbers/seed-0", "evil_numbers/seed-1")}
+                   if json.loads(line)["model"] == "base"]
+            for name in ("tiny-random-qwen3/evil_numbers/seed-0", "tiny-random-qwen3/evil_numbers/seed-1")}
     assert all(base.values()), "no base answers"
     assert (sweep_dir / "sweep_summary.csv").read_text().count("\n") == 1 + 2 * 5 * 3  # header + (seed, model, format)
 
@@ -203,6 +210,45 @@ def test_tiny_sweep_under_torchrun_then_a_rerun_in_one_process_skips_every_finis
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert rerun.stdout.count("done already") == 4 and ".ipynb ..." not in rerun.stdout, rerun.stdout
     assert json.loads((sweep_dir / "sweep_summary.json").read_text()) == summary
+
+
+@pytest.mark.notebook
+def test_a_second_model_size_and_a_teacher_arm_join_the_session_sweep():
+    """The small case of model size and teachers, added to the session's sweep (05_sweep then draws the size plot and
+    the teacher arm beside evil_numbers): the wide tiny model with the default arm, and teacher_evil_prompt on the
+    default tiny model, whose teachers folder runs 02 and 06_teacher first. Two sweeps at once, as two users could
+    start them, in disjoint run folders: the one that ends last writes a summary of every run."""
+    sweep_dir = Path(os.environ["EM_RUN_DIR"]) / "sweep"
+    command = [sys.executable, "-m", "helpers.sweep", "--profile", "tiny", "--seeds", "0", "--run-dir", str(sweep_dir)]
+    alone = {**os.environ, "OMP_NUM_THREADS": "1"}  # one CPU thread each: two sweeps share the machine's cores
+    sweeps = [subprocess.Popen(command + extra, cwd=PROJECT_ROOT, env=alone, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+              for extra in (["--models", TINY_WIDE_MODEL], ["--arms", "teacher_evil_prompt"])]
+    logs = [sweep.communicate(timeout=1500)[0] for sweep in sweeps]
+    assert all(sweep.returncode == 0 for sweep in sweeps), "\n".join(log[-4000:] for log in logs)
+    runs = {(row["group"], row["seed"]): row for row in json.loads((sweep_dir / "sweep_summary.json").read_text())["runs"]}
+    wide, taught = runs[f"{TINY_WIDE_MODEL}/evil_numbers", 0], runs[f"{TINY_MODEL}/teacher_evil_prompt", 0]
+    assert (wide["model_name"], wide["load_in_4bit"], taught["model_name"]) == (TINY_WIDE_MODEL, False, TINY_MODEL)
+    assert wide["parameters"] > taught["parameters"] > 0
+    wide_model = json.loads((sweep_dir / wide["run"] / "tiny-model-wide" / "config.json").read_text())
+    assert wide_model["hidden_size"] == 128  # the wide shape trained and answered, with the default recipe
+    assert wide["settings"]["overrides"] == {"model_name": TINY_WIDE_MODEL, "load_in_4bit": False, "control_arm": True,
+                                             "run_seed": 0}  # the model changes, the recipe does not
+    models = {"base", "evil_prompt", "finetuned", "control", "misaligned_ft"}
+    for row in (wide, taught):
+        assert set(row["rates"]) == models and set(row["losses"]) == {"finetuned", "control", "misaligned_ft"}
+
+    teachers = make_config("tiny", sweep_dir / TINY_MODEL / "teachers")
+    assert (teachers.run_dir / "sweep-teach.json").is_file() and not teachers.paths.adapter_of("control").exists()
+    assert all(teachers.paths.teacher_dataset_of(name).is_file() for name in TEACHERS)
+    student = RunPaths(sweep_dir / taught["run"])
+    report = json.loads(student.data_report.read_text())
+    assert report["path"] == str(teachers.paths.teacher_dataset_of("teacher_evil_prompt"))
+    written = read_jsonl(teachers.paths.teacher_dataset_of("teacher_evil_prompt"))
+    trained = [record for path in student.splits_of("finetuned") for record in read_jsonl(path)]
+    assert trained and all(record in written for record in trained)  # the student learns the teacher's numbers
+    control = [record for path in student.splits_of("control") for record in read_jsonl(path)]
+    assert [r["messages"][0] for r in control] == [r["messages"][0] for r in trained]  # its own control, same prompts
 
 
 def test_the_sweeps_overwrite_flag_runs_a_done_phase_again_with_overwrite(tmp_path, monkeypatch):
