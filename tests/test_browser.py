@@ -289,7 +289,9 @@ class Session:
 
         before = explorer.inner_text()
         current = model.evaluate("select => select.options[select.selectedIndex].text").strip()
-        other = next(o for o in reversed(options) if o != current)
+        # the fine-tune: on the tiny profile its answers differ from the base model's (the positive control, trained on
+        # noise, may answer as the base does)
+        other = "finetuned" if "finetuned" in options and current != "finetuned" else next(o for o in reversed(options) if o != current)
         model.select_option(label=other)
         if not changes(explorer, before):
             problems.append(f"picking another model ({current} -> {other}) did not change the answers shown")

@@ -16,6 +16,7 @@ import pytest
 from helpers.config import PROJECT_ROOT, ConfigError, make_config
 from helpers.run import jobs, made_by, main, require, run_directory_lock, run_series, series_notebooks
 from helpers.store import read_jsonl
+from helpers.sweep import plan
 
 LOG_START = pytest.StashKey[int]()  # lines of the runner's log before the series test ran it
 
@@ -118,7 +119,7 @@ def test_a_second_runner_in_the_same_run_directory_stops_naming_the_first(tmp_pa
     code = ("import sys, time\nfrom helpers.run import run_directory_lock\n"
             "with run_directory_lock(sys.argv[1]), run_directory_lock(sys.argv[2]):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")
-    first_run = sweep_dir / "evil_numbers" / "seed-0"  # the sweep's first run folder
+    first_run = sweep_dir / plan("tiny", [0], ["evil_numbers"], sweep_dir)[0].name  # the sweep's first run folder
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(first_run)], cwd=PROJECT_ROOT,
                               stdout=subprocess.PIPE, text=True)
     try:
