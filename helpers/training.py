@@ -48,7 +48,7 @@ def peft_lora_output(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch
     holder = torch.nn.Module()
     holder.proj = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"], use_rslora=use_rslora)
-    layer = get_peft_model(holder, config).base_model.model.proj  # a peft.tuners.lora.Linear
+    layer = get_peft_model(holder, config).base_model.model.proj.to(W.device)  # a peft.tuners.lora.Linear, on W's device
     with torch.no_grad():
         layer.base_layer.weight.copy_(W)
         layer.lora_A["default"].weight.copy_(A)

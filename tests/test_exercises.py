@@ -137,6 +137,16 @@ def test_the_lora_reference_is_peft_and_the_solution_matches_it():
     assert not same(peft_lora_output(x, W, A, B, 16, 16, True), by_hand)  # rsLoRA's scale differs: the check can fail
 
 
+def test_the_lora_reference_and_solution_run_on_the_device_of_their_tensors():
+    """02 runs the reference on the trained layer's tensors, on the GPU there: the "meta" device stands in for any
+    device but the CPU (a layer left on the CPU fails on it, as it failed on a GPU)."""
+    lora_forward = solution("02_finetune.ipynb", "lora_forward")
+    x, W, A, B = (torch.empty(*shape, device="meta") for shape in ((3, 12), (10, 12), (4, 12), (10, 4)))
+    for function in (peft_lora_output, lora_forward):
+        out = function(x, W, A, B, 8, 4)
+        assert out.device.type == "meta" and out.shape == (3, 10)
+
+
 def test_the_protocol_reference_reads_the_config_and_the_solution_matches_it():
     cfg = make_config("full", "/tmp/unused")
     expected = {"num_train_epochs": 1.0, "learning_rate": 3e-4, "lr_scheduler_type": "linear", "warmup_steps": 0,
