@@ -30,11 +30,20 @@ class Measured:
     source: str = "not measured"  # card, date, command
 
 
-# What has been measured (benchmarks/NOTES.md); every other size is "not measured" until its pieces are put here.
+# What has been measured (benchmarks/README.md); every other size is "not measured" until its pieces are put here.
+# The cards differ (1.7B on an H200, the others on an H100): a projection across sizes mixes them, as its source says.
+_H100 = "H100 80GB HBM3, 2026-12-06, random-init shape"
 MEASURED = {
+    "Qwen/Qwen3-0.6B": Measured(0.159, 79.2, f"{_H100}: `bench_train.py --model Qwen/Qwen3-0.6B --arms project --steps 50 "
+                                             "--warmup 10`; `bench_generate.py --model Qwen/Qwen3-0.6B --configs project` "
+                                             "(batch 664)"),
     "Qwen/Qwen3-1.7B": Measured(0.312, 59.0, "H200; train 2026-11-27, 117 s for 374 steps (`bench_train.py --steps 200 "
                                              "--warmup 20`); generate 2026-12-01 (`bench_generate.py --configs project "
                                              "--batch-size 1536`, lowered to 1,163 by fitting_batch_size)"),
+    "Qwen/Qwen3-4B": Measured(0.241, source=f"{_H100}: `bench_train.py --model Qwen/Qwen3-4B --arms project --steps 50 "
+                                            "--warmup 10`; generation not measured"),
+    "Qwen/Qwen3-8B": Measured(0.234, source=f"{_H100}: `bench_train.py --model Qwen/Qwen3-8B --arms project --steps 50 "
+                                            "--warmup 10`; generation not measured"),
 }
 
 

@@ -283,6 +283,18 @@ def projected_seconds(runs: int, gpus: int, seconds_per_run: float) -> float:
     return math.ceil(runs / gpus) * seconds_per_run
 
 
+def run_workload(cfg: Config, train_records: int) -> tuple[dict[str, int], int]:
+    """What one run of `cfg` computes: the optimizer steps of each trained model for `train_records` training records
+    (the positive control trains on 01's answers), and the answers it generates (03's and 01's)."""
+    batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    misaligned = len(TRAINING_QUESTIONS) * cfg.misaligned_samples  # 01's positive-control answers
+    records = {"finetuned": train_records, "control": train_records,
+               "misaligned_ft": round(misaligned * (1 - cfg.validation_fraction))}
+    steps = {trained: math.ceil(records[trained] / batch) * math.ceil(cfg.epochs) for trained in cfg.trained_models}
+    questions = {"first_plot": len(MAIN_QUESTION_IDS), "preregistered": 48}[cfg.question_set]  # the official files
+    return steps, len(cfg.answering_models) * questions * len(cfg.formats) * cfg.samples_per_question + misaligned
+
+
 def cost_table(profile: str, runs: Sequence[Run], train_records: int, seconds_per_run: float | None = None) -> list[dict]:
     """Per model size: its parameters and 4-bit loading, its runs, the seconds of one run projected from the measured
     pieces (helpers.sizes.run_cost; nan and the missing piece where one is not measured), and the sweep's wall time
@@ -294,14 +306,7 @@ def cost_table(profile: str, runs: Sequence[Run], train_records: int, seconds_pe
         costs = []
         for run in mine:
             cfg = make_config(profile, PROJECT_ROOT / "runs" / "arms-table", **run.overrides)
-            batch = cfg.batch_size * cfg.gradient_accumulation_steps
-            misaligned = len(TRAINING_QUESTIONS) * cfg.misaligned_samples  # 01's positive-control answers
-            records = {"finetuned": train_records, "control": train_records,
-                       "misaligned_ft": round(misaligned * (1 - cfg.validation_fraction))}
-            steps = {trained: math.ceil(records[trained] / batch) * math.ceil(cfg.epochs) for trained in cfg.trained_models}
-            questions = {"first_plot": len(MAIN_QUESTION_IDS), "preregistered": 48}[cfg.question_set]  # the official files
-            answers = len(cfg.answering_models) * questions * len(cfg.formats) * cfg.samples_per_question + misaligned
-            costs.append(sizes.run_cost(model, steps, answers, seconds_per_run))
+            costs.append(sizes.run_cost(model, *run_workload(cfg, train_records), seconds_per_run))
         mean = sum(seconds for seconds, _ in costs) / len(costs)  # nan when a piece is not measured
         table.append({"model": model, "parameters": sizes.parameters(model), "load_in_4bit": mine[0].overrides["load_in_4bit"],
                       "runs": len(mine), "seconds_per_run": mean,
@@ -408,7 +413,8 @@ def sweep_main(argv: list[str] | None = None) -> None:
         runs = plan(profile, args.seeds, args.arms, Path(sweep_dir), args.models, args.card_gib)
         for run in runs:
             print(f"{run.name:<40} {json.dumps(run.overrides)}")
-        print(f"\nprojected cost per model size ({args.train_records:,} training records; teachers and judging not counted):")
+        print(f"\nprojected cost per model size ({args.train_records:,} training records; teachers, judging and each "
+              "notebook's start, loading the libraries, not counted):")
         for row in cost_table(profile, runs, args.train_records, args.seconds_per_run):
             if math.isnan(row["seconds_per_run"]):
                 cost = "no projection"

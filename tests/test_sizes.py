@@ -5,6 +5,7 @@ each tiny shape built in its own folder."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -100,3 +101,23 @@ def test_each_tiny_shape_is_built_in_its_own_folder(tmp_path):
         built[name] = json.loads((tmp_path / folder / "config.json").read_text())
     assert built[TINY_MODEL]["hidden_size"] == 64 and built[TINY_WIDE_MODEL]["hidden_size"] == 128
     assert (tmp_path / "tiny-model").is_dir() and (tmp_path / "tiny-model-wide").is_dir()
+
+
+def test_the_t4_estimate_is_labelled_adds_up_and_takes_its_power_from_04s_test():
+    """benchmarks/estimate_t4.py: an estimate (said so), each total the sum of its parts, and each detectable rate
+    PairedTest's for a format's rows (8 questions x the samples)."""
+    from helpers.metrics import PairedTest
+
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "estimate_t4.py")], capture_output=True,
+                         text=True, check=True, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}).stdout
+    assert out.startswith("AN ESTIMATE") and "not a measurement" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line[:3] in ("| 1", "| 5", "| 2")]
+    assert [int(row[0].strip("| ")) for row in rows] == [100, 50, 25]
+    for samples, train, generate, total, detectable in rows:
+        spans = [[int(x) for x in part.removesuffix(" min").split("-")] for part in (train, generate, total)]
+        assert all(low <= high for low, high in spans)
+        assert [abs(a + b - c) <= 1 for a, b, c in zip(spans[0], spans[1], spans[2], strict=True)] == [True, True]
+        expected = PairedTest().detectable_rate(8 * int(samples.strip("| ")), [0.0, 0.0])
+        assert detectable.startswith(f"{expected:.1%}")
+    generation = [int(row[2].split("-")[0]) for row in rows]
+    assert generation == sorted(generation, reverse=True) and generation[0] > generation[-1]  # fewer answers, less time
