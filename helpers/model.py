@@ -32,10 +32,11 @@ def backend() -> Literal["unsloth", "transformers"]:
 
 
 def compute_dtype() -> Any:
-    """bfloat16 where the GPU supports it, float16 on older GPUs (a T4), float32 on the CPU."""
+    """bfloat16 where the GPU computes in it (compute capability 8 and up), float16 on older GPUs (a T4, which only
+    emulates bfloat16: Unsloth trains in float16 there), float32 on the CPU."""
     if not torch.cuda.is_available():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def quantization_config(cfg: Config) -> Any:

@@ -502,3 +502,19 @@ def test_02_calls_backend_before_transformers_is_imported(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     calls = json.loads(finished.stdout.strip().splitlines()[-1])
     assert calls and calls[0] is False, f"transformers was imported before the first backend() call: {calls}"
+
+
+def test_the_compute_dtype_is_float16_on_a_card_without_native_bfloat16(monkeypatch):
+    """A T4 (compute capability 7.5) makes bfloat16 tensors by emulation, so torch.cuda.is_bf16_supported() says yes
+    by default; Unsloth (dtype=None) trains in float16 there, and the notebooks that load with transformers must compute
+    in float16 too: bfloat16 from compute capability 8 (A100, H100) only. torch's device queries answer as such cards."""
+    from types import SimpleNamespace
+
+    from helpers.model import compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulated bfloat16 works
+    for major, expected in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, major=major: SimpleNamespace(major=major))
+        assert compute_dtype() == expected, f"compute capability {major}"
