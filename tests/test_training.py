@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -494,8 +495,6 @@ def test_02_calls_backend_before_transformers_is_imported(tmp_path):
     """Unsloth must be imported before transformers, TRL and PEFT (else, on a GPU, it warns that its optimisations may
     not apply): 02's model cell calls backend(), which imports Unsloth where it is used, before anything imports
     transformers. A fresh interpreter runs 02's cells up to the model cell and says whether transformers was loaded."""
-    import subprocess
-
     write_splits(tmp_path / "run")
     finished = subprocess.run([sys.executable, "-c", BACKEND_FIRST, str(NOTEBOOK), str(tmp_path / "run")],
                               capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
