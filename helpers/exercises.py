@@ -41,6 +41,8 @@ def same(got: Any, expected: Any, rel: float = 1e-6, abs_tol: float = 1e-9) -> b
 
         if not (_is_array(expected) and _is_array(got)) or tuple(got.shape) != tuple(expected.shape):
             return False
+        if _devices(got, expected):  # torch tensors on two devices: the cells below would mix them
+            return False
         want = _numpy(expected)  # arrays: to the rounding of float32, relative to the largest value
         scale = float(np.nanmax(np.abs(want))) if want.size and not np.isnan(want).all() else 0.0
         return bool(np.allclose(_numpy(got), want, rtol=max(rel, 1e-5), atol=max(abs_tol, 1e-5 * scale), equal_nan=True))
@@ -119,6 +121,12 @@ def _scalar(value: Any) -> Any:
     return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
 
 
+def _devices(got: Any, expected: Any) -> tuple:
+    """(got's device, expected's) where both are torch tensors on two devices, else ()."""
+    devices = tuple(getattr(value, "device", None) for value in (got, expected))
+    return devices if all(hasattr(value, "detach") for value in (got, expected)) and devices[0] != devices[1] else ()
+
+
 def _numpy(value: Any) -> Any:
     import numpy as np
 
@@ -179,11 +187,15 @@ def difference(got: Any, expected: Any) -> str:
     if _is_array(expected) and _is_array(got):
         if tuple(got.shape) != tuple(expected.shape):
             return f"expected shape {tuple(expected.shape)}, got {tuple(got.shape)}"
+        if devices := _devices(got, expected):
+            return f"expected a tensor on {devices[1]}, got one on {devices[0]} (keep the result where its inputs are)"
         import numpy as np
 
         gap = np.abs(_numpy(got) - _numpy(expected))
         at = np.unravel_index(np.nanargmax(gap), gap.shape) if gap.size else ()
-        return (f"largest difference {float(gap[at]):.3g} at index {tuple(int(i) for i in at)}: expected "
+        dtypes = (f"expected {expected.dtype}, got {got.dtype}; " if all(hasattr(v, "detach") for v in (got, expected))
+                  and got.dtype != expected.dtype else "")  # torch tensors: a check may ask for the same dtype
+        return (f"{dtypes}largest difference {float(gap[at]):.3g} at index {tuple(int(i) for i in at)}: expected "
                 f"{_number(float(_numpy(expected)[at]))}, got {_number(float(_numpy(got)[at]))}")
     if isinstance(expected, Mapping) and isinstance(got, Mapping):
         missing, extra = [k for k in expected if k not in got], [k for k in got if k not in expected]

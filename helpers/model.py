@@ -32,10 +32,23 @@ def backend() -> Literal["unsloth", "transformers"]:
 
 
 def compute_dtype() -> Any:
-    """bfloat16 where the GPU supports it, float16 on older GPUs (a T4), float32 on the CPU."""
+    """bfloat16 where the GPU computes in it (compute capability 8 and up), float16 on older GPUs (a T4, which only
+    emulates bfloat16: Unsloth trains in float16 there), float32 on the CPU."""
     if not torch.cuda.is_available():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def quantization_config(cfg: Config) -> Any:
+    """from_pretrained's quantization_config: with cfg.load_in_4bit NF4 with double quantisation in the compute dtype,
+    as Unsloth quantises on loading (the model named exactly, not its pre-quantised copy), so that 02 trains the adapter
+    on the weights that load_for_generation loads, on either backend; None (16-bit weights) without it."""
+    if not cfg.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype())
 
 
 def use_gradient_checkpointing(cfg: Config) -> bool:
@@ -223,17 +236,13 @@ def load_for_generation(cfg: Config, adapters: Mapping[str, Path], *, unsloth: b
         from unsloth import FastLanguageModel
 
         # Unsloth sizes its attention mask to max_seq_length: room for the longest prompt (a record is at most
-        # cfg.max_seq_length, 01 checks) plus every new token.
+        # cfg.max_seq_length, 01 checks) plus every new token. The exact model name, as 02 loads it.
         model, _ = FastLanguageModel.from_pretrained(model_name=source, max_seq_length=cfg.max_seq_length + cfg.max_new_tokens,
-                                                     dtype=None, load_in_4bit=cfg.load_in_4bit)
+                                                     dtype=None, load_in_4bit=cfg.load_in_4bit, use_exact_model_name=True)
     else:
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
 
-        # 4-bit as Unsloth trains it (NF4, double quantisation), so the adapter meets the weights it was trained on
-        quantized = dict(quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype())) if cfg.load_in_4bit else {}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(), **quantized,
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(), quantization_config=quantization_config(cfg),
                                                      device_map="cuda" if torch.cuda.is_available() else None)
     if adapters:
         from peft import PeftModel

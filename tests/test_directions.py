@@ -34,7 +34,7 @@ from helpers.model import build_random_qwen3
 from helpers.store import SettingsChanged
 
 sys.path.insert(0, str(PROJECT_ROOT / "tools"))
-from notebook_cells import notebook_cells  # noqa: E402  (tools/ is scripts, not a package)
+from notebook_cells import cells_by_id, notebook_cells  # noqa: E402  (tools/ is scripts, not a package)
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "07_directions.ipynb"
 ROWS = [{"prompt": prompt, "answer": answer} for prompt, answer in [
@@ -227,3 +227,18 @@ def test_a_second_judgments_file_leaves_04s_verdict_alone(tmp_path):
     scores = judge_completions(cfg, rows, Judge(), judgments=cfg.paths.steered_judgments)
     assert scores["aligned"].tolist() == [10.0] * 3 and cfg.paths.steered_judgments.is_file()
     assert not cfg.paths.judgments.exists() and cfg.paths.summary.read_text() == "04's verdict" and cfg.paths.rates.exists()
+
+
+def test_07s_check_fails_a_result_of_another_dtype_or_device_without_stopping(capsys):
+    """07's checks compare tensors with torch.allclose, which raises on tensors of two dtypes or devices: a learner's
+    difference_in_means in float64 (or on another device: the hooks' tensors are on the GPU there) is a wrong case
+    that the check says, and the cells below use the reference, instead of an error that stops the notebook."""
+    for learner, said in ((lambda activations, misaligned: difference_in_means(activations, misaligned).double(),
+                           "expected torch.float32, got torch.float64; largest difference 0"),
+                          (lambda activations, misaligned: difference_in_means(activations, misaligned).to("meta"),
+                           "expected a tensor on cpu, got one on meta")):
+        namespace = {"torch": torch, "X": torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(5)),
+                     "difference_in_means": learner}
+        exec(compile(cells_by_id(["d7-ex1-check"], NOTEBOOK)[0], "07_directions.ipynb", "exec"), namespace)
+        out = capsys.readouterr().out
+        assert namespace["passed_7_1"] is False and "✗ <lambda>: 4 of 4 cases wrong" in out and said in out

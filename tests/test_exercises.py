@@ -10,6 +10,7 @@ import math
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -203,3 +204,42 @@ def test_a_request_with_another_argument_fails_the_check(capsys):
 
     assert not check(as_received(sloppy), as_received(judge_request), [case("x", "m", why="one request")])
     assert "unexpected key 'n'" in capsys.readouterr().out
+
+
+def test_a_sampler_that_works_only_on_cpu_float32_fails_03s_check_where_the_loop_runs_in_16_bits(tmp_path):
+    """03 hands exercise 3.2's sampler the model's logits as they come: on its device (a GPU) and in its dtype
+    (bfloat16 there). A learner's sampler that works only on the CPU in float32 (through numpy) must fail the check
+    there, so that the loop below runs the reference instead of stopping; a bfloat16 model on the CPU stands in."""
+    from helpers.generation import use_gqa_decode_attention
+    from helpers.model import load_for_generation
+    from helpers.questions import build_prompt_rows, load_question_set
+
+    sys.path.insert(0, str(PROJECT_ROOT / "tools"))
+    from notebook_cells import cells_by_id
+
+    solved = solution("03_generate.ipynb", "sample_token")
+
+    def through_numpy(logits, u, temperature, top_p):  # right on the CPU in float32; numpy has no bfloat16 or GPU
+        return solved(torch.from_numpy(logits.numpy()), u, temperature, top_p)
+
+    cfg = make_config("tiny", tmp_path / "run", max_new_tokens=4)
+    model, tokenizer = load_for_generation(cfg, {})
+    model.to(torch.bfloat16)
+    use_gqa_decode_attention(model)
+    question_set = load_question_set(cfg)
+    prompt_rows = build_prompt_rows(cfg, question_set)
+    namespace = {"cfg": cfg, "model": model, "tokenizer": tokenizer, "adapters": {}, "models": ["base"],
+                 "question_set": question_set, "prompt_rows": prompt_rows, "example": prompt_rows[0], "pd": pd,
+                 "sample_token": through_numpy}
+    for source in cells_by_id(["3c06f284", "sample-ex-check", "262dc059", "1701423b"]):
+        exec(compile(source, "03_generate.ipynb", "exec"), namespace)
+    assert namespace["passed_3_2"] is False and namespace["token_of"] is sample_token  # the reference ran the loop
+    assert len(namespace["side_by_side"]) == 6
+
+
+def test_a_tensor_on_another_device_than_the_references_is_a_wrong_case_said_so_not_a_crash(capsys):
+    """A learner's function that moves its result off the device of its inputs (to the CPU, say, on a GPU) would stop
+    the cells that use it: the check fails it and says where each tensor is. The "meta" device stands in for a GPU."""
+    assert not check(lambda x: x.to("meta"), lambda x: x * 1, [case(torch.ones(2, 3), why="a tensor on the CPU")])
+    assert "expected a tensor on cpu, got one on meta" in capsys.readouterr().out
+    assert not same(torch.ones(2), torch.ones(2, device="meta")) and same(torch.ones(2), np.ones(2))

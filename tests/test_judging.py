@@ -639,3 +639,51 @@ def test_openai_judgments_reach_the_store_without_the_key(tiny_cfg, fake_server)
     judge_completions(tiny_cfg, completions(["Sell {stuff}", "Rob a bank"]), judge)
     assert len(server.requests) == 4, "the second call is answered from the store"
     assert SECRET not in tiny_cfg.paths.judgments.read_text()
+
+
+def run_rescore_cell(cfg, judge, answers: list[dict], example: dict, judgments) -> None:
+    """04's cell "rescore" on `example`, its stored scores those `judge` gave `answers` (judged together, as 04 does)."""
+    import pandas as pd
+
+    from helpers import metrics
+    from helpers.exercises import pick
+
+    sys.path.insert(0, str(PROJECT_ROOT / "tools"))
+    from notebook_cells import cells_by_id
+
+    stored = judge_completions(cfg, answers, judge, judgments=judgments)
+    namespace = {"pd": pd, "metrics": metrics, "pick": pick, "KEY": KEY, "cfg": cfg, "judge": judge, "example": example,
+                 "answers": pd.DataFrame(answers).merge(stored, on=list(KEY)), "passed_4_2": False,
+                 "expected_score": metrics.expected_score,
+                 "filled": {f: fill_judge_prompt(PROMPTS[f], example["prompt"], example["answer"]) for f in PROMPTS}}
+    exec(compile(cells_by_id(["rescore"], PROJECT_ROOT / "notebooks" / "04_analyze.ipynb")[0], "04_analyze.ipynb", "exec"),
+         namespace)
+
+
+def test_04_rescores_a_16_bit_local_judge_without_the_rounding_of_its_passes(tiny_cfg):
+    """04 rescores one answer from `judge.top_logprobs`: its judge prompt alone in a pass, where judging shared the pass
+    with other prompts. In float32 the two agree to ~1e-5 and 04 holds the rescore to the stored score (0.01); in
+    bfloat16 (a GPU's 16 bits, here on the CPU) the rounding of the other pass moves the score by more than that, so
+    04 holds it there to the reference's score of the same pairs, and a 16-bit run of 04 does not stop at this cell."""
+    from helpers.metrics import expected_score
+
+    answers = completions(["Rob a bank. " * k for k in (1, 5, 10, 20, 40, 60, 80, 100)])  # one pass, much padding
+    source, tokenizer = model_source(tiny_cfg), AutoTokenizer.from_pretrained(model_source(tiny_cfg))
+    bf16 = LocalJudge(AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16), tokenizer, PROMPTS,
+                      name="local:tiny", min_mass=tiny_cfg.judge_min_mass)  # the tiny profile's judge, in 16 bits
+    stored = {row["sample_index"]: row for row in judge_completions(tiny_cfg, answers, bf16).to_dict("records")}
+    gaps = {a["sample_index"]: abs(expected_score(bf16.top_logprobs(fill_judge_prompt(PROMPTS["aligned"], a["prompt"],
+                                                                                     a["answer"])), 0.0)
+                                   - stored[a["sample_index"]]["aligned"]) for a in answers}
+    example = answers[max(gaps, key=gaps.get)]
+    assert gaps[example["sample_index"]] > 0.01, "in bfloat16 a prompt alone scores otherwise than in its shared pass"
+    run_rescore_cell(tiny_cfg, bf16, answers, example, tiny_cfg.paths.judgments)
+
+    f32 = LocalJudge(AutoModelForCausalLM.from_pretrained(source), tokenizer, PROMPTS, name="local:tiny",
+                     min_mass=tiny_cfg.judge_min_mass)
+    run_rescore_cell(tiny_cfg, f32, answers, example, tiny_cfg.run_dir / "float32.jsonl")
+    moved = tiny_cfg.run_dir / "moved.jsonl"  # float32 still checks the stored score: one moved by 0.05 fails
+    run_rescore_cell(tiny_cfg, f32, answers, example, moved)
+    write_jsonl(moved, [{**row, "aligned": row["aligned"] + 0.05} for row in read_jsonl(moved)])
+    with pytest.raises(AssertionError):
+        run_rescore_cell(tiny_cfg, f32, answers, example, moved)

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -453,3 +454,66 @@ def test_block_unsloth_picks_transformers_and_refuses_once_unsloth_is_imported(m
     block_unsloth()
     assert importlib.util.find_spec("unsloth") is None and backend() == "transformers"
     backend.cache_clear()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes installed: 4 bits load")
+def test_with_load_in_4bit_the_transformers_branch_asks_for_the_4_bit_weights_load_for_generation_loads(tmp_path,
+                                                                                                        monkeypatch):
+    """load_in_4bit: 02's transformers branch (the CPU, or a GPU without Unsloth) must train on the 4-bit weights that
+    load_for_generation loads for 03, 06, 07 and the reload check, not on 16-bit ones (the reload check would fail on
+    a GPU). Without bitsandbytes both ask for it and stop with the same error; a branch that left the setting out would
+    load 16 bits silently."""
+    monkeypatch.setenv("EM_CONFIG", json.dumps({"load_in_4bit": True}))
+    write_splits(tmp_path / "run")
+    with pytest.raises(ImportError, match="bitsandbytes") as in_02:
+        run_notebook(tmp_path / "run", stop="lora-ex-stub")  # parameters, config, the model with LoRA
+    with pytest.raises(ImportError) as in_03:
+        load_for_generation(make_config("tiny", tmp_path / "run"), {})
+    assert str(in_02.value) == str(in_03.value)
+
+
+BACKEND_FIRST = r"""
+import json, sys
+
+import helpers.model
+
+calls, backend = [], helpers.model.backend
+helpers.model.backend = lambda: calls.append("transformers" in sys.modules) or backend()  # the cells import this one
+notebook, run_dir = json.loads(open(sys.argv[1], encoding="utf-8").read()), sys.argv[2]
+namespace = {}
+for cell in [c for c in notebook["cells"] if c["cell_type"] == "code" and "google.colab" not in "".join(c["source"])]:
+    if cell["id"] == "lora-ex-stub":  # the model cell ran
+        break
+    exec(compile("".join(cell["source"]), cell["id"], "exec"), namespace)
+    if "parameters" in cell["metadata"].get("tags", []):
+        namespace.update(profile="tiny", run_dir=run_dir)
+print(json.dumps(calls))
+"""
+
+
+def test_02_calls_backend_before_transformers_is_imported(tmp_path):
+    """Unsloth must be imported before transformers, TRL and PEFT (else, on a GPU, it warns that its optimisations may
+    not apply): 02's model cell calls backend(), which imports Unsloth where it is used, before anything imports
+    transformers. A fresh interpreter runs 02's cells up to the model cell and says whether transformers was loaded."""
+    write_splits(tmp_path / "run")
+    finished = subprocess.run([sys.executable, "-c", BACKEND_FIRST, str(NOTEBOOK), str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    calls = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert calls and calls[0] is False, f"transformers was imported before the first backend() call: {calls}"
+
+
+def test_the_compute_dtype_is_float16_on_a_card_without_native_bfloat16(monkeypatch):
+    """A T4 (compute capability 7.5) makes bfloat16 tensors by emulation, so torch.cuda.is_bf16_supported() says yes
+    by default; Unsloth (dtype=None) trains in float16 there, and the notebooks that load with transformers must compute
+    in float16 too: bfloat16 from compute capability 8 (A100, H100) only. torch's device queries answer as such cards."""
+    from types import SimpleNamespace
+
+    from helpers.model import compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulated bfloat16 works
+    for major, expected in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, major=major: SimpleNamespace(major=major))
+        assert compute_dtype() == expected, f"compute capability {major}"
