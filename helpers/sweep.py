@@ -45,7 +45,7 @@ from helpers.config import (
 from helpers.hardware import device_name
 from helpers.model import QWEN3_SHAPES
 from helpers.positive_control import TRAINING_QUESTIONS
-from helpers.run import NOTEBOOK_DIR, execute, jobs, require, run_directory_lock, series_notebooks
+from helpers.run import NOTEBOOK_DIR, execute, jobs, one_kernel, require, run_directory_lock, series_notebooks
 from helpers.store import SettingsChanged, record_settings, reuse, write_json
 from helpers.teacher import TEACHERS
 
@@ -342,6 +342,7 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+@one_kernel()  # every notebook of this process's runs in one live kernel (helpers.run)
 def run_sweep(profile: str, seeds: Sequence[int], arms: Sequence[str], sweep_dir: Path, phase: str = "all",
               overwrite: Sequence[str] = (), models: Sequence[str] | None = None, card_gib: float | None = None) -> dict | None:
     """Run the sweep (this process's share under torchrun): the teachers folders first (all of them, before any

@@ -3,18 +3,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers.config import PROJECT_ROOT, ConfigError, make_config
-from helpers.run import jobs, made_by, main, require, run_directory_lock, run_series, series_notebooks
+from helpers.run import (
+    execute,
+    jobs,
+    made_by,
+    main,
+    one_kernel,
+    require,
+    run_directory_lock,
+    run_series,
+    series_notebooks,
+)
 from helpers.store import read_jsonl
 from helpers.sweep import plan
 
@@ -64,6 +78,130 @@ def test_runner_executes_the_series_and_writes_every_artefact(request):
         f"the runner's log of executions: {logged}")
     empty = sorted(str(folder) for folder in run_dir.rglob("*") if folder.is_dir() and not any(folder.iterdir()))
     assert not empty, f"the series left empty folders: {empty}"
+
+
+def test_a_notebook_gives_in_the_shared_kernel_exactly_what_it_gives_in_a_fresh_one(request, tmp_path):
+    """The runner ran the series in one kernel: 02 for misaligned_ft fourth, after 01 and two trainings there. Run
+    again in a kernel of its own, on a copy of the session's run directory, it trains the same adapter, byte for byte,
+    with the same losses."""
+    if LOG_START not in request.config.stash:
+        pytest.skip("the series did not run in this session (tests/test_run.py's runner test was not selected)")
+    session = make_config("tiny", os.environ["EM_RUN_DIR"])
+    cfg = make_config("tiny", shutil.copytree(session.run_dir, tmp_path / "run"))
+    execute(cfg, next(nb for nb in series_notebooks() if nb.name.startswith("02")), {"model": "misaligned_ft"},
+            overwrite=True)  # trains it again from scratch, in a fresh kernel (no one_kernel block around)
+
+    def trained(paths) -> tuple[str, dict]:  # the adapter's sha256, and the losses (not how long they took)
+        history = json.loads(paths.loss_history_of("misaligned_ft").read_text())
+        weights = (paths.adapter_of("misaligned_ft") / "adapter_model.safetensors").read_bytes()
+        return hashlib.sha256(weights).hexdigest(), {key: history[key] for key in ("train", "validation", "final")}
+
+    assert trained(cfg.paths) == trained(session.paths)
+
+
+def _kernels_running() -> list[int]:
+    """Kernel processes below this one (a kernel's own kernels included)."""
+    return [p.pid for p in psutil.Process().children(recursive=True) if "ipykernel_launcher" in " ".join(p.cmdline())]
+
+
+def _recording(probe: Path) -> str:
+    """A cell that appends what a notebook sees of its kernel to `probe`: the process, folder, two variables of the
+    environment and the names in its namespace."""
+    return ("import json, os\n"
+            f"with open({str(probe)!r}, 'a') as probe:\n"
+            "    probe.write(json.dumps({'pid': os.getpid(), 'cwd': os.getcwd(), 'probe': os.environ.get('EM_PROBE'),\n"
+            "                            'gone': os.environ.get('EM_GONE'), 'names': sorted(globals())}) + '\\n')")
+
+
+def test_one_kernel_runs_notebook_after_notebook_each_as_a_fresh_kernel_would(tmp_path, monkeypatch):
+    """In one block, the second notebook runs in the first one's kernel, and sees what it sees in a kernel of its own:
+    the namespace (nothing of the first notebook, whose objects are freed), execution counts from 1, its folder, and the
+    environment as this process changed it since; once the block ends, no kernel is left."""
+    notebooks, probe = tmp_path / "notebooks", tmp_path / "probe.jsonl"
+    notebooks.mkdir()
+    _notebook(notebooks / "01_first.ipynb", "import builtins, weakref\nclass Thing: ...\nthing = Thing()\n"
+              "builtins.em_first = weakref.ref(thing)\nleftover = 1", _recording(probe), "thing  # shown: kept in Out")
+    _notebook(notebooks / "02_second.ipynb", _recording(probe), "import builtins\n"
+              "assert getattr(builtins, 'em_first', lambda: None)() is None, 'an object of the first notebook is alive'")
+    monkeypatch.setenv("EM_PROBE", "first")
+    monkeypatch.setenv("EM_GONE", "here")
+    cfg = make_config("tiny", tmp_path / "run")
+    with one_kernel():
+        execute(cfg, notebooks / "01_first.ipynb")
+        monkeypatch.setenv("EM_PROBE", "second")
+        monkeypatch.delenv("EM_GONE")
+        execute(cfg, notebooks / "02_second.ipynb")
+    execute(cfg, notebooks / "02_second.ipynb", {"model": "alone"})  # a kernel of its own
+    first, second, alone = map(json.loads, probe.read_text().splitlines())
+    assert first["pid"] == second["pid"] != alone["pid"]
+    assert (first["probe"], first["gone"], second["probe"], second["gone"]) == ("first", "here", "second", None)
+    assert "leftover" in first["names"] and second["names"] == alone["names"] and "leftover" not in second["names"]
+    assert first["cwd"] == second["cwd"] == alone["cwd"] == str(notebooks)
+    counts = {name: [cell["execution_count"] for cell in json.loads((cfg.paths.executed_notebooks / name).read_text())["cells"]]
+              for name in ("02_second.ipynb", "02_second-alone.ipynb")}
+    assert counts["02_second.ipynb"] == counts["02_second-alone.ipynb"] == [1, 2, 3, 4], counts
+    assert not _kernels_running() and not any(psutil.pid_exists(record["pid"]) for record in (first, alone))
+
+
+def test_a_killed_a_failed_and_a_patched_kernel_are_each_replaced(tmp_path, monkeypatch):
+    """The next notebook gets a fresh kernel after its kernel was killed, after a notebook failed in it (named with its
+    cell as in a kernel of its own), after a notebook replaced a model class's forward, as Unsloth's loader does (from
+    then on a spare kernel warms up, and the next patch hands over to it, its environment brought up to date), and
+    after a notebook left a child process running, as a vLLM engine; a kernel left intact keeps serving."""
+    notebooks, probe = tmp_path / "notebooks", tmp_path / "probe.jsonl"
+    notebooks.mkdir()
+    _notebook(notebooks / "01_record.ipynb", _recording(probe))
+    _notebook(notebooks / "02_fail.ipynb", _recording(probe), "raise ValueError('planted failure')")
+    _notebook(notebooks / "03_patch.ipynb", _recording(probe), "import transformers.models.qwen3.modeling_qwen3 as qwen3\n"
+              "qwen3.Qwen3Model.forward = lambda self, *args, **kwargs: None")
+    _notebook(notebooks / "04_child.ipynb", _recording(probe), "import subprocess\n"
+              f"open({str(tmp_path / 'child')!r}, 'w').write(str(subprocess.Popen(['sleep', '600']).pid))")
+    cfg = make_config("tiny", tmp_path / "run")
+    record, patch = notebooks / "01_record.ipynb", notebooks / "03_patch.ipynb"
+    with one_kernel():
+        execute(cfg, record, {"model": "1"})
+        os.kill(json.loads(probe.read_text().splitlines()[-1])["pid"], signal.SIGKILL)
+        execute(cfg, record, {"model": "2"})  # the killed kernel replaced
+        with pytest.raises(SystemExit, match=r"^02_fail.ipynb failed in cell 4: ValueError: planted failure\n"):
+            execute(cfg, notebooks / "02_fail.ipynb")  # in the same kernel as 2
+        execute(cfg, record, {"model": "3"})  # after the failure, a fresh one
+        execute(cfg, patch, {"model": "a"})  # in the same kernel as 3
+        execute(cfg, record, {"model": "4"})  # after the patch, a fresh one ...
+        assert len(_kernels_running()) == 2  # ... and a spare
+        execute(cfg, record, {"model": "5"})  # in the same kernel as 4
+        execute(cfg, patch, {"model": "b"})
+        monkeypatch.setenv("EM_PROBE", "late")  # after the spare started
+        execute(cfg, record, {"model": "6"})  # in the spare
+        execute(cfg, notebooks / "04_child.ipynb")
+        execute(cfg, record, {"model": "7"})  # in the next spare
+    records = [json.loads(line) for line in probe.read_text().splitlines()]
+    one, two, failed, three, patched, four, five, patched_again, six, child, seven = (r["pid"] for r in records)
+    assert one != two == failed != three == patched != four == five == patched_again != six == child != seven
+    assert len({record["pid"] for record in records}) == 6 and records[8]["probe"] == "late"
+    replaced = {entry["notebook"]: entry.get("replaced") for entry in read_jsonl(cfg.paths.executions)}  # the log says why
+    assert replaced["01_record-2.ipynb"] == "died" and replaced["01_record-5.ipynb"] is None
+    assert "Qwen3Model.forward from __main__" in replaced["01_record-4.ipynb"]
+    assert "child process" in replaced["01_record-7.ipynb"]
+    assert not _kernels_running() and not psutil.pid_exists(int((tmp_path / "child").read_text()))
+
+
+def test_a_notebook_runs_an_earlier_one_from_inside_the_shared_kernel(tmp_path):
+    """A notebook's require(cfg, "02") executes 02 once per trained model from inside the runner's kernel, in a kernel
+    of its own there, shut down before the notebook goes on."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _notebook(notebooks / "02_stand_in.ipynb",
+              "from helpers.config import make_config\ncfg = make_config(profile, run_dir)\n"
+              "cfg.paths.adapter_of(model).mkdir(parents=True, exist_ok=True)\n"
+              "(cfg.paths.adapter_of(model) / 'adapter_config.json').write_text('{}')")
+    _notebook(notebooks / "03_needs_02.ipynb",
+              "from pathlib import Path\nfrom helpers.config import make_config\nfrom helpers.run import require\n"
+              f"require(make_config(profile, run_dir), '02', Path({str(notebooks)!r}))\n"
+              "import psutil\nassert not psutil.Process().children(), 'the kernel of 02 is still running'")
+    run_series("tiny", tmp_path / "run", only=["03"], notebook_dir=notebooks)
+    cfg = make_config("tiny", tmp_path / "run")
+    assert all((cfg.paths.adapter_of(model) / "adapter_config.json").is_file() for model in cfg.trained_models)
+    assert not _kernels_running()
 
 
 def test_the_series_was_computed_once_in_this_session(request):
