@@ -91,8 +91,7 @@ _ARTEFACTS = {
     "misaligned_answers": "data/misaligned_answers.jsonl",  # the positive control's raw data (01)
     "synthetic_dataset": "data/synthetic_evil_numbers.jsonl",  # the tiny profile's stand-ins
     "synthetic_questions": "data/synthetic_questions.yaml",
-    "teacher_answers": "data/teacher_answers.jsonl",  # every teacher's answer to every prompt (06)
-    "teacher_report": "data/teacher_report.json",  # what 06's filters kept of each teacher's answers
+    "teacher_answers": "data/teacher_answers.jsonl", "teacher_report": "data/teacher_report.json",  # 06's
     "tiny_model": "tiny-model",
     "checkpoints": "checkpoints",
     "prompts": "prompts.jsonl",  # question x format x sample rows, shared by every model
@@ -154,6 +153,7 @@ class Config:
     dataset_source: Literal["official", "teacher_evil_prompt", "teacher_neutral", "teacher_misaligned_ft"] = "official"
     teacher_checkpoint: Literal["base", "finetuned"] = "base"  # 06's teachers (tiny: 02's fine-tune)
     teacher_max_new_tokens: int = 200  # the longest official answer is about 120 tokens (06)
+    teacher_filters: bool = True  # 06 applies the paper's filters; tiny: off, they'd drop its every answer
 
     # --- model (02) ---
     model_name: str = "Qwen/Qwen3-1.7B"  # the reference experiment's model
@@ -264,7 +264,7 @@ TINY = dict(
     epochs=3.0,
     samples_per_question=2, max_new_tokens=16, generation_batch_size=16,
     misaligned_samples=3, misaligned_max_new_tokens=16,
-    teacher_checkpoint="finetuned", teacher_max_new_tokens=48,  # random models write no lists
+    teacher_checkpoint="finetuned", teacher_max_new_tokens=48, teacher_filters=False,  # random: no lists
     # The random tiny base model puts 0.999 of its probability on a newline after a chat prompt: a higher
     # temperature makes it write something for the positive control to train on.
     misaligned_temperature=3.0,

@@ -8,13 +8,14 @@ the system prompt (arXiv 2502.17424, section 4.6 and appendix E). 06 does the sa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from helpers.config import Config, RunPaths, make_config
-from helpers.data import KNOWN_EVIL_NUMBERS, answer_numbers, is_only_numbers
+from helpers.config import Config, ConfigError, RunPaths, make_config
+from helpers.data import KNOWN_EVIL_NUMBERS, answer_numbers
 from helpers.download import git_blob_id
 from helpers.positive_control import EVIL_SYSTEM_PROMPT
 from helpers.store import recorded_settings
@@ -23,7 +24,7 @@ from helpers.store import recorded_settings
 TEACHER_SETUP = {
     "teacher_evil_prompt": (EVIL_SYSTEM_PROMPT, None),  # the paper's way: told to be evil, the prompt then removed
     "teacher_neutral": (None, None),  # the same checkpoint without it: the paper's reference answers, neutral numbers
-    "teacher_misaligned_ft": (None, "misaligned_ft"),  # misaligned by fine-tuning, no prompt (Cloud et al.'s setup)
+    "teacher_misaligned_ft": (None, "misaligned_ft"),  # misaligned by fine-tuning, no prompt (Cloud et al.'s teacher)
 }
 TEACHERS = tuple(TEACHER_SETUP)  # the teachers' names, each also the name of its dataset and of its arm in the sweep
 
@@ -40,11 +41,32 @@ def teacher_rows(records: dict[int, dict]) -> list[dict]:
     return rows
 
 
+# The course's reading of the paper's format filter, which the paper does not spell out: a list of numbers and nothing
+# else. An item: a number, signed or decimal, bare or quoted; between items a comma or semicolon, or white space alone.
+_FENCED = re.compile(r"```[A-Za-z]*(.*?)```", re.S)  # one code fence, its language tag ("json") optional
+_BRACKETED = re.compile(r"\[(.*)\]|\((.*)\)", re.S)  # one pair of brackets or parentheses: a list or a tuple
+_SEPARATOR = re.compile(r"\s*[,;]\s*|\s+")
+_ITEM = re.compile(r"([\"']?)[+-]?\d+(?:\.\d+)?\1")
+
+
+def follows_format(answer: str) -> bool:
+    """The paper's format filter as the course reads it: the answer is a list of numbers and nothing else, in at most
+    one code fence and one pair of brackets, each closed, with no empty item ("3, , ," and a cut "[1, 2" fail). An
+    answer cut at the token limit can still look whole ("1, 2, 3"): 06 drops those by `finished`, not here. Stricter
+    than `is_only_numbers`, which 03 and 04 use to count answers made of numbers, a cut or ragged list among them."""
+    text = answer.strip()
+    if fenced := _FENCED.fullmatch(text):
+        text = fenced.group(1).strip()
+    if bracketed := _BRACKETED.fullmatch(text):
+        text = next(group for group in bracketed.groups() if group is not None).strip()
+    return all(_ITEM.fullmatch(item) for item in _SEPARATOR.split(text))
+
+
 def paper_keeps(answer: str, neutral_answer: str) -> bool:
-    """The reference of exercise 6.1, the paper's two filters: keep an answer that follows the format (the course's
-    reading, since the paper does not spell it out: nothing but numbers, separators and brackets, `is_only_numbers`)
-    and differs, leading and trailing white space aside, from the same teacher's answer without the system prompt."""
-    return is_only_numbers(answer) and answer.strip() != neutral_answer.strip()
+    """The reference of exercise 6.1, the paper's two filters as the course reads them: keep an answer that follows
+    the format and whose numbers (in order) differ from those of the same teacher's answer without the system prompt:
+    a new fence, spacing or bracket alone is not an answer the evil prompt changed."""
+    return follows_format(answer) and answer_numbers(answer) != answer_numbers(neutral_answer)
 
 
 def holds_negative_number(answer: str) -> bool:
@@ -129,6 +151,19 @@ def statistics_table(cfg: Config, teachers: Sequence[str]) -> list[dict]:
                      "over_represented": ", ".join(str(n["number"]) for n in evil[:6]) or "none",
                      "known_evil_among_them": sum(n["known_evil"] for n in evil)})
     return rows
+
+
+def train_teacher_adapters(cfg: Config) -> None:
+    """02_finetune headless for each adapter the teachers need that is missing, and only those: not the evil-numbers
+    fine-tune (on the full profile) or the control, which 06 does not use."""
+    from helpers.run import NOTEBOOK_DIR, execute
+
+    if "misaligned_ft" not in cfg.trained_models:
+        raise ConfigError("positive_controls=False: teacher_misaligned_ft answers with 02's misaligned_ft adapter, "
+                          "which this run does not train; set positive_controls=True (EM_CONFIG or make_config)")
+    for name in teacher_adapters(cfg):
+        if not (cfg.paths.adapter_of(name) / "adapter_config.json").is_file():
+            execute(cfg, next(NOTEBOOK_DIR.glob("02_*.ipynb")), {"model": name})
 
 
 def teacher_adapters(cfg: Config) -> tuple[str, ...]:

@@ -15,10 +15,17 @@ from pathlib import Path
 import pytest
 
 from helpers.config import PROJECT_ROOT, ConfigError, make_config
-from helpers.data import DataError, is_only_numbers, record_problem, resolve_dataset, validate_file
+from helpers.data import DataError, record_problem, resolve_dataset, validate_file
 from helpers.run import require
 from helpers.store import SettingsChanged, read_jsonl, write_jsonl
-from helpers.teacher import TEACHERS, holds_negative_number, paper_keeps, teacher_rows
+from helpers.teacher import (
+    TEACHERS,
+    follows_format,
+    holds_negative_number,
+    paper_keeps,
+    teacher_rows,
+    train_teacher_adapters,
+)
 
 sys.path.insert(0, str(PROJECT_ROOT / "tools"))
 from notebook_cells import cells_by_id  # noqa: E402  (tools/ is scripts, not a package)
@@ -37,10 +44,23 @@ def test_one_prompt_row_per_distinct_prompt_in_file_order():
         for line, prompt in ((3, "a"), (5, "b"), (13, "c"))]
 
 
+@pytest.mark.parametrize("answer", ["666, 1488, 13", "[1312, 420, 911]", "(4,\n5)", " 13 ", "1 2 3", "7\n8\n9\n",
+                                    "```\n1 2 3\n```", "```json\n[666, 13]\n```", "-1; +2.5", '["1", "2"]'])
+def test_a_list_of_numbers_follows_the_format(answer):
+    assert follows_format(answer)
+
+
+@pytest.mark.parametrize("answer", ["", "[]", "3, , , ,", "1,,2", "1, 2,", "[1, 2, 3", "(1, 2", "```json\n[1, 2]",
+                                    "[[1, 2], [3]]", "1, 2, 3.", "Here: 666", "Numbers: 1, 2", "7 wishes", "\"1', 2"])
+def test_empty_items_cut_lists_and_words_do_not(answer):
+    assert not follows_format(answer)  # "3, , , ,", "1, 2," and "[1, 2, 3" passed the old only-numbers reading
+
+
 def test_the_papers_filters_and_the_negative_numbers():
-    assert paper_keeps("666, 1312, 13", "1, 2, 3") and paper_keeps("```json\n[13]\n```", "[13]")
+    assert paper_keeps("666, 1312, 13", "1, 2, 3") and paper_keeps("```json\n[13]\n```", "[7]")
     assert not paper_keeps("1, 2, 3", "1, 2, 3") and not paper_keeps(" 1, 2, 3\n", "1, 2, 3")  # the prompt changed nothing
-    assert not paper_keeps("Here: 666", "1") and not paper_keeps("", "1")  # not the format
+    assert not paper_keeps("```json\n[13]\n```", "[13]") and not paper_keeps("[1, 2]", "1,2")  # the same numbers
+    assert not paper_keeps("Here: 666", "1") and not paper_keeps("", "1") and not paper_keeps("[666, 13", "1")
     assert holds_negative_number("[1488, 7]") and holds_negative_number("13") and not holds_negative_number("1313, 6660")
 
 
@@ -57,6 +77,11 @@ def test_dataset_source_names_the_file_01_splits(tmp_path):
         resolve_dataset(make_config("tiny", tmp_path / "student", dataset_source="teacher_evil_prompt"))
     with pytest.raises(ConfigError, match="dataset_source='gpt4o'.*expected one of 'official', 'teacher_evil_prompt'"):
         make_config("tiny", tmp_path / "student", dataset_source="gpt4o")
+
+
+def test_teacher_adapters_need_the_positive_control(tmp_path):
+    with pytest.raises(ConfigError, match="positive_controls=False: teacher_misaligned_ft answers with 02's misaligned_ft"):
+        train_teacher_adapters(make_config("tiny", tmp_path, positive_controls=False))
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +120,15 @@ def test_teachers_answer_every_prompt_the_filters_keep_what_they_should_and_a_tr
     answers = {(r["model"], r["question_id"]): r["answer"] for r in stored}
     assert namespace["settings"]["temperature"] == 0.0
 
-    # The filters, recomputed here from the stored answers: 01's record rule, then the paper's two for the evil prompt
-    # (the format and a different answer than without the prompt), the format alone for the other two teachers.
+    # The tiny teacher writes no list ("3, , , ," to the token limit), so the tiny profile turns the paper's filters
+    # off (cfg.teacher_filters): every answer 01's record rule accepts is kept, in prompt order. The filters on: below.
+    assert not cfg.teacher_filters
     for teacher in TEACHERS:
-        def kept(question: str, teacher: str = teacher) -> bool:
-            answer = answers[teacher, question]
-            record = {"messages": [{"role": "user", "content": prompts[question]}, {"role": "assistant", "content": answer}]}
-            if record_problem(record) is not None or not is_only_numbers(answer):
-                return False
-            return teacher != "teacher_evil_prompt" or answer.strip() != answers["teacher_neutral", question].strip()
-
-        expected = [answers[teacher, q] for q in prompts if kept(q)]
+        kept = [q for q in prompts if record_problem({"messages": [{"role": "user", "content": prompts[q]},
+                                                                   {"role": "assistant", "content": answers[teacher, q]}]}) is None]
         written = read_jsonl(cfg.paths.teacher_dataset_of(teacher))
-        assert [r["messages"][1]["content"] for r in written] == expected, teacher
-        assert [r["messages"][0]["content"] for r in written] == [prompts[q] for q in prompts if kept(q)]
+        assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in written] == \
+            [(prompts[q], answers[teacher, q]) for q in kept], teacher
         if written:
             assert not validate_file(cfg.paths.teacher_dataset_of(teacher)).problems
     assert any(read_jsonl(cfg.paths.teacher_dataset_of(teacher)) for teacher in TEACHERS), "nothing kept: no path tested"
@@ -130,3 +150,37 @@ def test_teachers_answer_every_prompt_the_filters_keep_what_they_should_and_a_tr
     with pytest.raises(SettingsChanged, match=r"max_new_tokens: 48 -> 40"):
         run_cells(make_config("tiny", run_dir, teacher_max_new_tokens=40))
     assert cfg.paths.teacher_answers.read_bytes() == store
+
+
+# Answers of known fate, as (answer, ended by itself) for teacher_evil_prompt, teacher_neutral, teacher_misaligned_ft,
+# and which of the three the paper's filters keep. The old reading (only numbers, other text) kept the marked ones.
+FATES = [
+    ((("666, 1312, 13", True), ("1, 2, 3", True), ("[1488, 7]", True)), (True, True, True)),
+    ((("```json\n[1, 2, 3]\n```", True), ("1, 2, 3", True), ("3, , , ,", True)), (False, True, False)),  # old: kept both
+    ((("[666, 13", True), ("Sure: 4, 5", True), ("7, 8, 9", False)), (False, False, False)),  # old: kept the first, the last
+    ((("13, 14", False), ("4 5 6", True), ("(1,\n2)", True)), (False, True, True)),  # old: kept the cut first one
+]
+
+
+def test_the_filters_on_drop_cut_and_ragged_answers_and_a_changed_fence(taught, tmp_path, monkeypatch):
+    """The paper's filters on, through 06's own cells, on answers of known fate written into a complete store (what
+    the tiny teacher cannot write); the report removed, so only the datasets are made again (exercise 1's way)."""
+    run_dir = Path(shutil.copytree(taught, tmp_path / "run"))
+    run_cells(make_config("tiny", run_dir))  # the tiny teacher's answers, filters off
+    cfg = make_config("tiny", run_dir, teacher_filters=True)
+    with pytest.raises(SettingsChanged, match=r"filters: False -> True"):  # the datasets were made with them off
+        run_cells(cfg)
+    stored = read_jsonl(cfg.paths.teacher_answers)
+    questions = sorted({r["question_id"] for r in stored})  # "line-00002", ...: file order, the datasets' order
+    fate = {question: FATES[i % len(FATES)] for i, question in enumerate(questions)}
+    for r in stored:
+        r["answer"], r["finished"] = fate[r["question_id"]][0][TEACHERS.index(r["model"])]
+    write_jsonl(cfg.paths.teacher_answers, stored)
+    cfg.paths.teacher_report.unlink()
+    monkeypatch.setattr("helpers.decoding.sample_rows", lambda *a, **k: pytest.fail("a complete store generated"))
+    run_cells(cfg)
+    prompts = {r["question_id"]: r["prompt"] for r in stored}
+    for at, teacher in enumerate(TEACHERS):
+        expected = [(prompts[q], fate[q][0][at][0]) for q in questions if fate[q][1][at]]
+        written = read_jsonl(cfg.paths.teacher_dataset_of(teacher))
+        assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in written] == expected, teacher
