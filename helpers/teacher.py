@@ -156,14 +156,15 @@ def statistics_table(cfg: Config, teachers: Sequence[str]) -> list[dict]:
 def train_teacher_adapters(cfg: Config) -> None:
     """02_finetune headless for each adapter the teachers need that is missing, and only those: not the evil-numbers
     fine-tune (on the full profile) or the control, which 06 does not use."""
-    from helpers.run import NOTEBOOK_DIR, execute
+    from helpers.run import NOTEBOOK_DIR, execute, one_kernel
 
     if "misaligned_ft" not in cfg.trained_models:
         raise ConfigError("positive_controls=False: teacher_misaligned_ft answers with 02's misaligned_ft adapter, "
                           "which this run does not train; set positive_controls=True (EM_CONFIG or make_config)")
-    for name in teacher_adapters(cfg):
-        if not (cfg.paths.adapter_of(name) / "adapter_config.json").is_file():
-            execute(cfg, next(NOTEBOOK_DIR.glob("02_*.ipynb")), {"model": name})
+    with one_kernel():  # the adapters' 02 runs share one kernel
+        for name in teacher_adapters(cfg):
+            if not (cfg.paths.adapter_of(name) / "adapter_config.json").is_file():
+                execute(cfg, next(NOTEBOOK_DIR.glob("02_*.ipynb")), {"model": name})
 
 
 def teacher_adapters(cfg: Config) -> tuple[str, ...]:
