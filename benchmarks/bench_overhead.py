@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import nbformat
 
 from helpers.config import make_config
 from helpers.run import execute, jobs, one_kernel, series_notebooks
@@ -42,11 +43,10 @@ IMPORTS = "from helpers.model import backend\nbackend()\nimport torch, transform
 def write_notebook(path: Path, code: str) -> Path:
     """A notebook with the runner's parameters cell, then `code`."""
     cells = [("profile = None\nrun_dir = None\noverwrite = False", ["parameters"]), (code, [])]
-    path.write_text(json.dumps({
-        "cells": [{"cell_type": "code", "metadata": {"tags": tags}, "source": source, "outputs": [],
-                   "execution_count": None} for source, tags in cells],
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-        "nbformat": 4, "nbformat_minor": 5}))
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source, metadata={"tags": tags})
+                                               for source, tags in cells])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)  # cells with ids, as nbformat 5 wants
     return path
 
 

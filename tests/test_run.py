@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import nbformat
 import psutil
 import pytest
 
@@ -38,11 +39,9 @@ LOG_START = pytest.StashKey[int]()  # lines of the runner's log before the serie
 def _notebook(path: Path, *cells: str) -> None:
     """Write a minimal notebook: a parameters cell, then `cells`."""
     source = [("profile = None\nrun_dir = None\nmodel = None\noverwrite = False", ["parameters"]), *((c, []) for c in cells)]
-    path.write_text(json.dumps({
-        "cells": [{"cell_type": "code", "metadata": {"tags": tags}, "source": code, "outputs": [], "execution_count": None}
-                  for code, tags in source],
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-        "nbformat": 4, "nbformat_minor": 5}))
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code, metadata={"tags": tags}) for code, tags in source])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)  # cells with ids, as nbformat 5 wants
 
 
 @pytest.mark.notebook
