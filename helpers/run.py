@@ -14,7 +14,8 @@ variable this process set, changed or removed since the kernel started (EM_INVOK
 ...) is set or removed the same way there. The rest of the kernel's environment stays its own: the libraries it
 imported set variables at their import and read them later, and they stay imported. A kernel is replaced by a
 fresh one after a notebook failed or was interrupted in it, when it died (killed, out of memory), and when a
-notebook left behind what the reset cannot clear (left_behind): model classes of transformers or PEFT patched
+notebook left behind what the reset cannot clear (left_behind), beyond what the libraries' imports alone leave
+(every kernel imports them first, Unsloth first where it is used, and records that): model classes of transformers or PEFT patched
 (Unsloth's loader, 02 on a GPU, replaces their forward for the whole process, so 03 would generate with Unsloth's
 code instead of its own), child processes (a vLLM engine's) or over a GiB of CUDA memory still allocated. From
 that first replacement on, the block keeps a spare kernel that imports those libraries while the current notebook
@@ -26,6 +27,7 @@ the one before it was replaced.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -170,7 +172,7 @@ class NotebookKernelManager(AsyncKernelManager):
 class Kernel:
     """A live python3 kernel that runs notebook after notebook (the module's docstring says how)."""
 
-    def __init__(self, cwd: Path, warm_up: bool = False) -> None:
+    def __init__(self, cwd: Path) -> None:
         self.started_with = dict(os.environ)  # the kernel inherits this process's environment as it starts
         self.changed: set[str] = set()  # the variables set or removed in the kernel to follow this process
         self.manager = NotebookKernelManager(kernel_name="python3")
@@ -178,7 +180,8 @@ class Kernel:
         self.pid = self.manager.provisioner.pid
         self.client = self.manager.blocking_client()
         self.client.start_channels(iopub=False, stdin=False, hb=False, control=False)  # requests and replies only
-        self.pending = [self.client.execute(WARM_UP, silent=True, store_history=False)] if warm_up else []
+        self.pending = [self.client.execute(WARM_UP, silent=True, store_history=False)]  # the notebooks' imports
+        self.imported: list[str] | None = None  # what left_behind finds after the imports alone: no reason to replace
 
     def request(self, code: str, **expressions: str) -> dict[str, str]:
         """Run `code` silently and return the repr of each of `expressions`, evaluated after it (a warm-up still
@@ -202,7 +205,8 @@ class Kernel:
 
     def prepare(self, cwd: Path) -> str | None:
         """Make the kernel look fresh to the next notebook, run in `cwd`; None when done, else why it cannot be used:
-        "died", or what the notebooks left behind (left_behind)."""
+        "died", or what the notebooks left behind (left_behind) beyond what the imports alone left (Unsloth's import
+        patches some classes: a fresh kernel has those too). The first call, before any notebook, records that."""
         now = dict(os.environ)
         self.changed |= {name for name in now.keys() | self.started_with.keys()
                          if now.get(name) != self.started_with.get(name)}
@@ -211,7 +215,10 @@ class Kernel:
                                 left="__import__('helpers.run').run.left_behind()")["left"]
         except KernelDied:
             return "died"
-        return None if left == "[]" else left
+        if self.imported is None:
+            self.imported = ast.literal_eval(left)
+        new = [item for item in ast.literal_eval(left) if item not in self.imported]
+        return str(new) if new else None
 
     def alive(self) -> bool:
         return run_sync(self.manager.is_alive)()
@@ -245,11 +252,12 @@ class Kernels:
             self.keep_spare |= why != "died"  # the next notebooks may leave the same: a spare warms up from now on
         if not self.live:
             self.live, self.spare = self.spare, None
-            if not self.live or self.live.prepare(cwd) == "died":  # what a spare's imports did (patches included),
-                self.discard()                                         # a notebook's own kernel would do too
+            if not self.live or self.live.prepare(cwd) == "died":  # a spare's first prepare: after its imports
+                self.discard()
                 self.live = Kernel(cwd)
+                self.live.prepare(cwd)  # waits for the imports and records what they left
         if self.keep_spare and not self.spare:
-            self.spare = Kernel(cwd, warm_up=True)
+            self.spare = Kernel(cwd)
         return self.live
 
     def discard(self) -> None:

@@ -184,6 +184,35 @@ def test_a_killed_a_failed_and_a_patched_kernel_are_each_replaced(tmp_path, monk
     assert not _kernels_running() and not psutil.pid_exists(int((tmp_path / "child").read_text()))
 
 
+def test_what_the_imports_alone_patch_keeps_the_kernel_and_a_notebooks_patch_replaces_it(tmp_path, monkeypatch):
+    """Unsloth's import patches some classes in every kernel, a fresh one too: a kernel whose imports patched a class
+    keeps serving, and a later notebook's own patch still replaces it."""
+    import helpers.run
+
+    monkeypatch.setattr(helpers.run, "WARM_UP", helpers.run.WARM_UP + "\nimport transformers.models.qwen3.modeling_qwen3 "
+                        "as qwen3\nqwen3.Qwen3MLP.forward = lambda self, x: x")  # as an import that patches
+    notebooks, probe = tmp_path / "notebooks", tmp_path / "probe.jsonl"
+    notebooks.mkdir()
+    _notebook(notebooks / "01_record.ipynb", _recording(probe))
+    _notebook(notebooks / "03_patch.ipynb", _recording(probe), "import transformers.models.qwen3.modeling_qwen3 as qwen3\n"
+              "qwen3.Qwen3Model.forward = lambda self, *args, **kwargs: None")
+    cfg = make_config("tiny", tmp_path / "run")
+    record, patch = notebooks / "01_record.ipynb", notebooks / "03_patch.ipynb"
+    with one_kernel():
+        execute(cfg, record, {"model": "1"})
+        execute(cfg, patch, {"model": "a"})
+        execute(cfg, record, {"model": "2"})  # a fresh kernel; a spare warms up from now on
+        execute(cfg, patch, {"model": "b"})
+        execute(cfg, record, {"model": "3"})  # in the spare, whose imports patched Qwen3MLP
+        execute(cfg, record, {"model": "4"})  # still there: the imports' patch is no reason to replace it
+    one, a, two, b, three, four = (json.loads(line)["pid"] for line in probe.read_text().splitlines())
+    assert one == a != two == b != three == four
+    replaced = {entry["notebook"]: entry.get("replaced") for entry in read_jsonl(cfg.paths.executions)}
+    assert "Qwen3Model.forward" in replaced["01_record-3.ipynb"] and "Qwen3MLP" not in replaced["01_record-3.ipynb"]
+    assert replaced["01_record-4.ipynb"] is None
+    assert not _kernels_running()
+
+
 def test_a_notebook_runs_an_earlier_one_from_inside_the_shared_kernel(tmp_path):
     """A notebook's require(cfg, "02") executes 02 once per trained model from inside the runner's kernel, in a kernel
     of its own there, shut down before the notebook goes on."""
