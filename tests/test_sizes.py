@@ -121,3 +121,9 @@ def test_the_t4_estimate_is_labelled_adds_up_and_takes_its_power_from_04s_test()
         assert detectable.startswith(f"{expected:.1%}")
     generation = [int(row[2].split("-")[0]) for row in rows]
     assert generation == sorted(generation, reverse=True) and generation[0] > generation[-1]  # fewer answers, less time
+    setup, readme = ((PROJECT_ROOT / name).read_text(encoding="utf-8") for name in ("docs/setup.md", "README.md"))
+    _, train, generate, total, _ = rows[0]  # the default: what the documents quote
+    assert f"| one T4 (Colab) | {train} | {generate} |" in setup and f"series, {total.removesuffix(' min')} minutes" in setup
+    assert f"estimate** {total} of GPU time" in readme
+    for samples, _, generate, _, detectable in rows:  # the fewer-answers table
+        assert f" | {generate} | {detectable.rstrip(' |')} |" in setup, samples
