@@ -399,5 +399,5 @@ def test_a_config_mistake_in_a_notebook_is_the_runner_s_one_line(tmp_path):
                              "--notebooks", str(notebooks)], cwd=PROJECT_ROOT, env=_without_em_variables(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    assert re.search(r"\n01_mistake.ipynb failed in cell \d+: ConfigError: config field batch_size=0 \(from make_config\) "
+    assert re.search(r"(?:^|\n)01_mistake.ipynb failed in cell \d+: ConfigError: config field batch_size=0 \(from make_config\) "
                      r"is not allowed: expected an integer >= 1\n", result.stderr), result.stderr
