@@ -123,7 +123,7 @@ def _prepare(changed, cwd):
 
 _prepare(%r, %r)
 """
-# What a spare kernel imports ahead of its notebook: Unsloth first where it is used (backend()), then the rest.
+# What every kernel imports first, before any notebook: Unsloth first where it is used (backend()), then the rest.
 WARM_UP = "from helpers.model import backend\nbackend()\nimport datasets, peft, transformers, trl"
 LEFT_CUDA_BYTES = 2**30  # more CUDA memory allocated after the reset than this: a model's worth that a library keeps
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL", "--HistoryManager.hist_file=:memory:"]  # as nbclient starts one
